@@ -1,0 +1,46 @@
+# edgeloop — two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: demo test lint bench venv dev mosquitto clean
+
+$(VENV)/.base: pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.base pyproject.toml
+	$(PIP) install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.base
+dev: $(VENV)/.dev
+
+# Mosquitto is a real broker the tests start on free ports; install it when missing and we are root.
+mosquitto:
+	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; \
+	  else echo "mosquitto is missing: install it (apt-get install mosquitto) to run the MQTT tests"; fi; \
+	fi
+
+demo: $(VENV)/.base
+	$(VENV)/bin/edgeloop demo
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: $(VENV)/.dev mosquitto lint
+	$(VENV)/bin/pytest
+
+bench: $(VENV)/.dev mosquitto
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

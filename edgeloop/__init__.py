@@ -1,0 +1,1 @@
+"""edgeloop: the command line, the embedded demo, and broker process management."""

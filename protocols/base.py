@@ -1,0 +1,326 @@
+"""The contract every connector implements, and the machinery they share.
+
+A connector is built from its pydantic config with no network I/O, is an async context manager
+with idempotent ``start()``/``stop()``, delivers normalised :class:`~shared.records.Reading`
+batches to a sink (or to ``async for batch in connector.stream()``), performs ``write(tag, value)``
+for actions, and reports a :class:`ConnectorStatus`.
+
+Policy is not the connector's business: the agent chooses the sink (and so buffering and
+overflow), and whether to start when a device is down. The connector only reconnects, with the
+backoff its config states (:class:`BackoffConfig`: 0.1 s doubling to 30 s with 10 % jitter by
+default), and reports what it is doing.
+
+Third-party connectors register under the ``edgeloop.connectors`` entry-point group::
+
+    [project.entry-points."edgeloop.connectors"]
+    mybus = "mypkg.mybus:MyBusConnector"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from importlib.metadata import entry_points
+from types import TracebackType
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+from prometheus_client import Counter, Gauge
+from pydantic import Field
+
+from shared.config import ConfigModel
+from shared.records import Reading, Value
+
+__all__ = [
+    "Backoff",
+    "BackoffConfig",
+    "Connector",
+    "ConnectorConfig",
+    "ConnectorError",
+    "ConnectorState",
+    "ConnectorStatus",
+    "ReadingSink",
+    "WriteError",
+    "available_connectors",
+    "load_connector_class",
+]
+
+ReadingSink = Callable[[Sequence[Reading]], None]
+
+READINGS = Counter(
+    "edgeloop_connector_readings_total", "Readings delivered by a connector", ["connector", "kind"]
+)
+MALFORMED = Counter(
+    "edgeloop_connector_malformed_total",
+    "Inputs a connector could not turn into readings (counted, never fatal)",
+    ["connector", "kind"],
+)
+RECONNECTS = Counter(
+    "edgeloop_connector_reconnects_total", "Connection attempts after a loss", ["connector", "kind"]
+)
+ERRORS = Counter(
+    "edgeloop_connector_errors_total", "Protocol errors seen by a connector", ["connector", "kind"]
+)
+CONNECTED = Gauge(
+    "edgeloop_connector_connected", "1 while the connector is connected", ["connector", "kind"]
+)
+WRITES = Counter(
+    "edgeloop_connector_writes_total",
+    "Writes performed, by outcome",
+    ["connector", "kind", "outcome"],
+)
+
+
+class ConnectorError(Exception):
+    """A connector failed in a way the caller should hear about (bad tag, no connection, ...)."""
+
+
+class WriteError(ConnectorError):
+    """A write was refused: unknown or read-only tag, wrong value type, device exception."""
+
+
+class ConnectorState(StrEnum):
+    STOPPED = "stopped"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorStatus:
+    state: ConnectorState
+    last_error: str | None = None
+    next_attempt_at: float | None = None  # epoch seconds of the next reconnect attempt
+    connected_since: float | None = None
+    attempts: int = 0
+
+
+class BackoffConfig(ConfigModel):
+    """Reconnect backoff: ``initial`` seconds, multiplied by ``factor`` up to ``max``, +/- jitter."""
+
+    initial: float = Field(0.1, gt=0)
+    factor: float = Field(2.0, ge=1.0)
+    max: float = Field(30.0, gt=0)
+    jitter: float = Field(0.1, ge=0, le=1)
+
+
+class Backoff:
+    """Stateful delay sequence for one reconnect loop; ``reset()`` after a success."""
+
+    def __init__(self, config: BackoffConfig) -> None:
+        self._config = config
+        self._next = config.initial
+        self.attempts = 0
+
+    def reset(self) -> None:
+        self._next = self._config.initial
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        c = self._config
+        delay = min(self._next, c.max)
+        self._next = min(self._next * c.factor, c.max)
+        self.attempts += 1
+        if c.jitter:
+            delay *= 1 + random.uniform(-c.jitter, c.jitter)
+        return max(delay, 0.0)
+
+
+class ConnectorConfig(ConfigModel):
+    """Fields every connector config has."""
+
+    name: str = Field(..., min_length=1, description="Unique connector name (metrics label)")
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+
+
+C = TypeVar("C", bound=ConnectorConfig)
+
+
+class Connector(ABC, Generic[C]):
+    """Base class: lifecycle, status, sink, metrics. Subclasses implement ``_run`` and ``write``.
+
+    ``_run`` is the connector's supervised main loop; it owns connecting, reconnecting with
+    ``self.backoff`` and delivering readings via ``self._emit``. It is cancelled by ``stop()``.
+    """
+
+    kind: ClassVar[str] = "abstract"
+    config_model: ClassVar[type[ConnectorConfig]] = ConnectorConfig
+
+    def __init__(self, config: C) -> None:
+        if not isinstance(config, self.config_model):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_model.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config: C = config
+        self.name = config.name
+        self.backoff = Backoff(config.backoff)
+        self._sink: ReadingSink | None = None
+        self._queue: asyncio.Queue[list[Reading]] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._status = ConnectorStatus(ConnectorState.STOPPED)
+        self._closed = True
+        self._m_readings = READINGS.labels(self.name, self.kind)
+        self._m_malformed = MALFORMED.labels(self.name, self.kind)
+        self._m_reconnects = RECONNECTS.labels(self.name, self.kind)
+        self._m_errors = ERRORS.labels(self.name, self.kind)
+        self._m_connected = CONNECTED.labels(self.name, self.kind)
+        self.malformed_total = 0
+        self.readings_total = 0
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def set_sink(self, sink: ReadingSink | None) -> None:
+        """Deliver readings to ``sink`` (called on the event loop; must not block)."""
+        self._sink = sink
+
+    async def start(self) -> None:
+        """Start the connector's loop. Returns at once; connecting happens in the background.
+
+        Calling ``start`` on a running connector does nothing.
+        """
+        if self._task is not None:
+            return
+        self._closed = False
+        self._set_status(ConnectorState.CONNECTING)
+        self._task = asyncio.create_task(self._supervise(), name=f"connector:{self.name}")
+
+    async def stop(self) -> None:
+        """Stop and release every resource. Safe to call twice and before ``start``."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if not self._closed:
+            self._closed = True
+            await self._close()
+        self._m_connected.set(0)
+        self._set_status(ConnectorState.STOPPED)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def __del__(self) -> None:
+        if getattr(self, "_task", None) is not None:
+            warnings.warn(f"unclosed connector {self.name!r}", ResourceWarning, stacklevel=1)
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self._run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a connector loop must never die silently
+                self._m_errors.inc()
+                delay = self.backoff.next_delay()
+                self._set_status(
+                    ConnectorState.RECONNECTING,
+                    error=f"{type(exc).__name__}: {exc}",
+                    next_attempt_at=time.time() + delay,
+                )
+                self._m_connected.set(0)
+                await asyncio.sleep(delay)
+                self._m_reconnects.inc()
+
+    @abstractmethod
+    async def _run(self) -> None:
+        """Connect, deliver readings until cancelled; raise to be restarted with backoff."""
+
+    async def _close(self) -> None:
+        """Release protocol resources after the loop is cancelled (override when needed)."""
+
+    # --- status and delivery -----------------------------------------------------------
+
+    @property
+    def status(self) -> ConnectorStatus:
+        return self._status
+
+    def _set_status(
+        self,
+        state: ConnectorState,
+        *,
+        error: str | None = None,
+        next_attempt_at: float | None = None,
+    ) -> None:
+        prev = self._status
+        since = prev.connected_since
+        if state is ConnectorState.CONNECTED:
+            if prev.state is not ConnectorState.CONNECTED:
+                since = time.time()
+            self.backoff.reset()
+            self._m_connected.set(1)
+        else:
+            since = None
+        self._status = ConnectorStatus(
+            state,
+            last_error=error if error is not None else prev.last_error,
+            next_attempt_at=next_attempt_at,
+            connected_since=since,
+            attempts=self.backoff.attempts,
+        )
+
+    def _emit(self, readings: Sequence[Reading]) -> None:
+        if not readings:
+            return
+        n = len(readings)
+        self.readings_total += n
+        self._m_readings.inc(n)
+        if self._sink is not None:
+            self._sink(readings)
+        elif self._queue is not None:
+            self._queue.put_nowait(list(readings))
+
+    def _malformed(self, reason: str) -> None:
+        """Count an input that could not be turned into a reading (never fatal)."""
+        self.malformed_total += 1
+        self._m_malformed.inc()
+
+    async def stream(self) -> AsyncIterator[list[Reading]]:
+        """Iterate over reading batches (when no sink is set). Ends when the connector stops."""
+        if self._sink is not None:
+            raise ConnectorError(f"connector {self.name!r} delivers to a sink; stream() is unused")
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        queue = self._queue
+        while self._task is not None or not queue.empty():
+            try:
+                yield await asyncio.wait_for(queue.get(), timeout=0.5)
+            except TimeoutError:
+                continue
+
+    # --- actions -----------------------------------------------------------------------
+
+    @abstractmethod
+    async def write(self, tag: str, value: Value) -> None:
+        """Write ``value`` to ``tag`` on the device; raise :class:`WriteError` on refusal."""
+
+
+def available_connectors() -> dict[str, Any]:
+    """Entry points in the ``edgeloop.connectors`` group, by name (not yet imported)."""
+    return {ep.name: ep for ep in entry_points(group="edgeloop.connectors")}
+
+
+def load_connector_class(kind: str) -> type[Connector[Any]]:
+    eps = available_connectors()
+    if kind not in eps:
+        raise ConnectorError(
+            f"no connector named {kind!r}; installed: {', '.join(sorted(eps)) or 'none'}"
+        )
+    cls = eps[kind].load()
+    if not (isinstance(cls, type) and issubclass(cls, Connector)):
+        raise ConnectorError(f"entry point {kind!r} does not name a Connector subclass")
+    return cls

@@ -1,0 +1,229 @@
+"""The records both tiers speak: readings, frames, events, labels, heartbeats.
+
+Records are frozen, slotted dataclasses: cheap to build on the hot path (tens of thousands per
+second on a gateway) and validated on construction. Invalid input raises :class:`RecordError`
+(a ``ValueError``) naming the record, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, TypeAlias
+
+__all__ = [
+    "Event",
+    "Frame",
+    "Heartbeat",
+    "Label",
+    "Quality",
+    "Reading",
+    "Record",
+    "RecordError",
+    "Severity",
+    "Value",
+    "now_ns",
+]
+
+#: A reading's value: numbers, booleans, strings, or None when the source had no value (bad quality).
+Value: TypeAlias = bool | int | float | str | None
+
+
+class RecordError(ValueError):
+    """A record field holds a value of the wrong type or range."""
+
+
+class Quality(IntEnum):
+    """Data quality, as OPC UA defines it; the protocol's own status code travels beside it."""
+
+    GOOD = 0
+    UNCERTAIN = 1
+    BAD = 2
+
+
+class Severity(IntEnum):
+    INFO = 0
+    WARNING = 1
+    CRITICAL = 2
+
+
+def now_ns() -> int:
+    """Wall-clock time in integer nanoseconds since the epoch (the timestamp unit of every record)."""
+    return time.time_ns()
+
+
+def _need_str(record: str, name: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise RecordError(f"{record}.{name}: expected a non-empty string, got {value!r}")
+
+
+def _need_ts(record: str, name: str, value: object) -> None:
+    if type(value) is not int or value < 0:
+        raise RecordError(
+            f"{record}.{name}: expected integer nanoseconds since the epoch (>= 0), got {value!r}"
+        )
+
+
+def _need_value(record: str, name: str, value: object) -> None:
+    if value is not None and not isinstance(value, bool | int | float | str):
+        raise RecordError(
+            f"{record}.{name}: expected bool, int, float, str or None, got {type(value).__name__}"
+        )
+
+
+def _need_number_map(record: str, name: str, value: object) -> None:
+    if not isinstance(value, dict):
+        raise RecordError(f"{record}.{name}: expected a mapping of name to number, got {value!r}")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise RecordError(f"{record}.{name}: keys must be strings, got {key!r}")
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            raise RecordError(f"{record}.{name}[{key!r}]: expected a number, got {item!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One value of one tag of one asset, as the protocol delivered it.
+
+    ``ts_ns`` is the source timestamp when the protocol gives one, else the time of receipt.
+    ``status`` keeps the protocol's own status code (an OPC UA StatusCode, a Modbus exception
+    code, 0 for MQTT) so nothing the device said is lost when it is mapped to ``quality``.
+    """
+
+    asset: str
+    tag: str
+    ts_ns: int
+    value: Value
+    quality: Quality = Quality.GOOD
+    status: int = 0
+
+    def __post_init__(self) -> None:
+        _need_str("Reading", "asset", self.asset)
+        _need_str("Reading", "tag", self.tag)
+        _need_ts("Reading", "ts_ns", self.ts_ns)
+        _need_value("Reading", "value", self.value)
+        if not isinstance(self.quality, Quality):
+            try:
+                object.__setattr__(self, "quality", Quality(self.quality))
+            except ValueError:
+                raise RecordError(
+                    f"Reading.quality: expected 0 (good), 1 (uncertain) or 2 (bad), "
+                    f"got {self.quality!r}"
+                ) from None
+        if type(self.status) is not int:
+            raise RecordError(f"Reading.status: expected an integer, got {self.status!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One row for the model: per-asset features over a window, and the edge's prediction.
+
+    ``key`` identifies what a label will later refer to (e.g. the part id of a machine cycle).
+    ``marks`` names features built from stale or bad-quality inputs.
+    """
+
+    asset: str
+    key: str
+    ts_ns: int
+    features: dict[str, float]
+    prediction: float | None = None
+    model_version: int | None = None
+    score: float | None = None
+    marks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _need_str("Frame", "asset", self.asset)
+        _need_str("Frame", "key", self.key)
+        _need_ts("Frame", "ts_ns", self.ts_ns)
+        _need_number_map("Frame", "features", self.features)
+        for name in ("prediction", "score"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                raise RecordError(f"Frame.{name}: expected a number or None, got {v!r}")
+        if self.model_version is not None and type(self.model_version) is not int:
+            raise RecordError(
+                f"Frame.model_version: expected an integer or None, got {self.model_version!r}"
+            )
+        if not isinstance(self.marks, tuple):
+            object.__setattr__(self, "marks", tuple(self.marks))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A rule fired on the edge."""
+
+    rule: str
+    asset: str
+    ts_ns: int
+    severity: Severity = Severity.INFO
+    message: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _need_str("Event", "rule", self.rule)
+        _need_str("Event", "asset", self.asset)
+        _need_ts("Event", "ts_ns", self.ts_ns)
+        if not isinstance(self.severity, Severity):
+            try:
+                object.__setattr__(self, "severity", Severity(self.severity))
+            except ValueError:
+                raise RecordError(
+                    f"Event.severity: expected 0 (info), 1 (warning) or 2 (critical), "
+                    f"got {self.severity!r}"
+                ) from None
+        if not isinstance(self.message, str):
+            raise RecordError(f"Event.message: expected a string, got {self.message!r}")
+        if not isinstance(self.values, dict):
+            raise RecordError(f"Event.values: expected a mapping, got {self.values!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """The ground truth for a frame, arriving late (e.g. from a quality station)."""
+
+    asset: str
+    key: str
+    ts_ns: int
+    target: float | int | bool
+
+    def __post_init__(self) -> None:
+        _need_str("Label", "asset", self.asset)
+        _need_str("Label", "key", self.key)
+        _need_ts("Label", "ts_ns", self.ts_ns)
+        if not isinstance(self.target, bool | int | float) or (
+            isinstance(self.target, float) and math.isnan(self.target)
+        ):
+            raise RecordError(f"Label.target: expected a number or bool, got {self.target!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """An agent says it is alive, which model versions it runs, and how far behind it is."""
+
+    agent_id: str
+    ts_ns: int
+    models: dict[str, int] = field(default_factory=dict)
+    outbox_depth: int = 0
+    outbox_bytes: int = 0
+    status: str = "ok"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _need_str("Heartbeat", "agent_id", self.agent_id)
+        _need_ts("Heartbeat", "ts_ns", self.ts_ns)
+        if not isinstance(self.models, dict) or not all(
+            isinstance(k, str) and type(v) is int for k, v in self.models.items()
+        ):
+            raise RecordError(
+                f"Heartbeat.models: expected a mapping of model name to integer version, "
+                f"got {self.models!r}"
+            )
+        for name in ("outbox_depth", "outbox_bytes"):
+            v = getattr(self, name)
+            if type(v) is not int or v < 0:
+                raise RecordError(f"Heartbeat.{name}: expected an integer >= 0, got {v!r}")
+
+
+Record: TypeAlias = Reading | Frame | Event | Label | Heartbeat

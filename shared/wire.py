@@ -1,0 +1,291 @@
+"""The batch wire codec: what travels as the value of every uplink Kafka message.
+
+Layout (schema version 1)::
+
+    b"EL"  u8 schema_version  u8 kind  msgpack([agent_id, batch_seq, created_ns, strings, records])
+
+* ``kind`` says which record type the batch holds (one type per batch, one topic per type).
+* ``strings`` is a table of the asset and tag names the records use; records refer to them by
+  index, so a batch of 500 readings of 20 tags carries each name once.
+* Each record is a positional msgpack array (see ``_ENCODERS``); field order is the contract.
+* Integers outside the signed/unsigned 64-bit range travel as msgpack ext type 1 (big-endian
+  two's complement) so no Python int is refused; floats are float64 (NaN and infinities survive).
+
+``(agent_id, batch_seq)`` identifies a batch: the edge numbers its batches with a per-agent,
+monotonically increasing sequence that survives restarts, and the cloud applies each pair once.
+
+:func:`decode_batch` never raises anything but :class:`WireDecodeError` on bad input.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from shared.records import (
+    Event,
+    Frame,
+    Heartbeat,
+    Label,
+    Reading,
+    Record,
+    RecordError,
+)
+
+__all__ = [
+    "MAGIC",
+    "SCHEMA_VERSION",
+    "Batch",
+    "Kind",
+    "WireDecodeError",
+    "decode_batch",
+    "encode_batch",
+    "kind_of",
+]
+
+MAGIC = b"EL"
+SCHEMA_VERSION = 1
+_HEADER = struct.Struct("!2sBB")
+_EXT_BIGINT = 1
+_I64_MIN, _U64_MAX = -(2**63), 2**64 - 1
+#: Upper bound on a decoded batch (a guard against a corrupt length field allocating gigabytes).
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+
+
+class WireDecodeError(ValueError):
+    """The bytes are not a valid edgeloop batch; the message says what was wrong and where."""
+
+
+class Kind(IntEnum):
+    READING = 1
+    FRAME = 2
+    EVENT = 3
+    LABEL = 4
+    HEARTBEAT = 5
+
+
+_KIND_OF_TYPE: dict[type, Kind] = {
+    Reading: Kind.READING,
+    Frame: Kind.FRAME,
+    Event: Kind.EVENT,
+    Label: Kind.LABEL,
+    Heartbeat: Kind.HEARTBEAT,
+}
+
+
+def kind_of(record: Record) -> Kind:
+    return _KIND_OF_TYPE[type(record)]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A numbered batch of records of one kind from one agent."""
+
+    agent_id: str
+    batch_seq: int
+    kind: Kind
+    records: Sequence[Record]
+    created_ns: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.agent_id, str) or not self.agent_id:
+            raise RecordError(f"Batch.agent_id: expected a non-empty string, got {self.agent_id!r}")
+        if type(self.batch_seq) is not int or self.batch_seq < 0:
+            raise RecordError(f"Batch.batch_seq: expected an integer >= 0, got {self.batch_seq!r}")
+        object.__setattr__(self, "kind", Kind(self.kind))
+        for i, rec in enumerate(self.records):
+            if _KIND_OF_TYPE.get(type(rec)) is not self.kind:
+                raise RecordError(
+                    f"Batch.records[{i}]: a {self.kind.name} batch cannot hold a "
+                    f"{type(rec).__name__}"
+                )
+
+
+# --- values that may hold any Python int -------------------------------------------------
+
+
+def _enc_any(value: Any) -> Any:
+    if type(value) is int and not _I64_MIN <= value <= _U64_MAX:
+        n = (value.bit_length() + 8) // 8
+        return msgpack.ExtType(_EXT_BIGINT, value.to_bytes(n, "big", signed=True))
+    if isinstance(value, dict):
+        return {k: _enc_any(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_enc_any(v) for v in value]
+    return value
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_BIGINT:
+        return int.from_bytes(data, "big", signed=True)
+    raise WireDecodeError(f"unknown msgpack extension type {code}")
+
+
+# --- per-kind positional layouts ---------------------------------------------------------
+
+
+class _Strings:
+    __slots__ = ("index", "table")
+
+    def __init__(self) -> None:
+        self.table: list[str] = []
+        self.index: dict[str, int] = {}
+
+    def ref(self, s: str) -> int:
+        i = self.index.get(s)
+        if i is None:
+            i = self.index[s] = len(self.table)
+            self.table.append(s)
+        return i
+
+
+def _enc_reading(r: Reading, s: _Strings) -> list[Any]:
+    return [s.ref(r.asset), s.ref(r.tag), r.ts_ns, _enc_any(r.value), int(r.quality), r.status]
+
+
+def _enc_frame(r: Frame, s: _Strings) -> list[Any]:
+    return [
+        s.ref(r.asset),
+        r.key,
+        r.ts_ns,
+        [[s.ref(k), v] for k, v in r.features.items()],
+        r.prediction,
+        r.model_version,
+        r.score,
+        list(r.marks),
+    ]
+
+
+def _enc_event(r: Event, s: _Strings) -> list[Any]:
+    return [s.ref(r.rule), s.ref(r.asset), r.ts_ns, int(r.severity), r.message, _enc_any(r.values)]
+
+
+def _enc_label(r: Label, s: _Strings) -> list[Any]:
+    return [s.ref(r.asset), r.key, r.ts_ns, _enc_any(r.target)]
+
+
+def _enc_heartbeat(r: Heartbeat, s: _Strings) -> list[Any]:
+    return [
+        r.agent_id,
+        r.ts_ns,
+        r.models,
+        r.outbox_depth,
+        r.outbox_bytes,
+        r.status,
+        _enc_any(r.info),
+    ]
+
+
+def _dec_reading(f: list[Any], t: list[str]) -> Reading:
+    asset, tag, ts, value, quality, status = f
+    return Reading(t[asset], t[tag], ts, value, quality, status)
+
+
+def _dec_frame(f: list[Any], t: list[str]) -> Frame:
+    asset, key, ts, feats, pred, version, score, marks = f
+    return Frame(t[asset], key, ts, {t[k]: v for k, v in feats}, pred, version, score, tuple(marks))
+
+
+def _dec_event(f: list[Any], t: list[str]) -> Event:
+    rule, asset, ts, sev, msg, values = f
+    return Event(t[rule], t[asset], ts, sev, msg, values)
+
+
+def _dec_label(f: list[Any], t: list[str]) -> Label:
+    asset, key, ts, target = f
+    return Label(t[asset], key, ts, target)
+
+
+def _dec_heartbeat(f: list[Any], t: list[str]) -> Heartbeat:
+    agent, ts, models, depth, nbytes, status, info = f
+    return Heartbeat(agent, ts, models, depth, nbytes, status, info)
+
+
+_ENCODERS: dict[Kind, Callable[[Any, _Strings], list[Any]]] = {
+    Kind.READING: _enc_reading,
+    Kind.FRAME: _enc_frame,
+    Kind.EVENT: _enc_event,
+    Kind.LABEL: _enc_label,
+    Kind.HEARTBEAT: _enc_heartbeat,
+}
+_DECODERS: dict[Kind, Callable[[list[Any], list[str]], Record]] = {
+    Kind.READING: _dec_reading,
+    Kind.FRAME: _dec_frame,
+    Kind.EVENT: _dec_event,
+    Kind.LABEL: _dec_label,
+    Kind.HEARTBEAT: _dec_heartbeat,
+}
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """Encode a batch to its compact binary form (deterministic for equal batches)."""
+    strings = _Strings()
+    enc = _ENCODERS[batch.kind]
+    records = [enc(r, strings) for r in batch.records]
+    body: bytes = msgpack.packb(
+        [batch.agent_id, batch.batch_seq, batch.created_ns, strings.table, records],
+        use_bin_type=True,
+    )
+    return _HEADER.pack(MAGIC, SCHEMA_VERSION, int(batch.kind)) + body
+
+
+def decode_batch(data: bytes | bytearray | memoryview) -> Batch:
+    """Decode bytes made by :func:`encode_batch`.
+
+    Raises :class:`WireDecodeError` (and nothing else) when the bytes are truncated, not a
+    batch, of an unknown schema version or kind, or hold a record that fails validation.
+    """
+    data = bytes(data)
+    if len(data) < _HEADER.size:
+        raise WireDecodeError(f"truncated batch: {len(data)} bytes, the header alone is 4")
+    magic, version, kind_code = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise WireDecodeError(f"not an edgeloop batch: magic {magic!r}, expected {MAGIC!r}")
+    if version != SCHEMA_VERSION:
+        raise WireDecodeError(
+            f"unsupported schema version {version}; this build reads version {SCHEMA_VERSION}"
+        )
+    try:
+        kind = Kind(kind_code)
+    except ValueError:
+        raise WireDecodeError(f"unknown record kind {kind_code}") from None
+    if len(data) > MAX_BATCH_BYTES:
+        raise WireDecodeError(f"batch of {len(data)} bytes exceeds the {MAX_BATCH_BYTES} limit")
+    try:
+        body = msgpack.unpackb(
+            data[_HEADER.size :],
+            raw=False,
+            ext_hook=_ext_hook,
+            strict_map_key=False,
+        )
+    except WireDecodeError:
+        raise
+    except Exception as exc:
+        raise WireDecodeError(f"corrupt {kind.name} batch body: {exc}") from exc
+    if not isinstance(body, list) or len(body) != 5:
+        raise WireDecodeError(f"corrupt {kind.name} batch: body is not a 5-element array")
+    agent_id, batch_seq, created_ns, table, rows = body
+    if not isinstance(table, list) or not all(isinstance(s, str) for s in table):
+        raise WireDecodeError("corrupt batch: the string table is not a list of strings")
+    if not isinstance(rows, list):
+        raise WireDecodeError("corrupt batch: records are not an array")
+    dec = _DECODERS[kind]
+    records: list[Record] = []
+    for i, row in enumerate(rows):
+        try:
+            if not isinstance(row, list):
+                raise TypeError("record is not an array")
+            records.append(dec(row, table))
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise WireDecodeError(f"corrupt {kind.name} record #{i}: {exc}") from exc
+    if type(created_ns) is not int:
+        raise WireDecodeError(f"corrupt batch: created_ns {created_ns!r} is not an integer")
+    try:
+        return Batch(agent_id, batch_seq, kind, records, created_ns)
+    except (RecordError, ValueError) as exc:
+        raise WireDecodeError(f"corrupt batch header: {exc}") from exc
