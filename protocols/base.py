@@ -133,8 +133,15 @@ class Backoff:
 
 
 class ConnectorConfig(ConfigModel):
-    """Fields every connector config has."""
+    """Fields every connector config has.
 
+    Subclasses narrow ``kind`` to ``Literal["<entry-point name>"]`` so the agent's config can hold
+    a discriminated list of connectors (``connectors[2].registers[5].type`` in error paths).
+    """
+
+    kind: str = Field(
+        ..., description="Entry-point name of the connector (opcua, modbus, mqtt, ...)"
+    )
     name: str = Field(..., min_length=1, description="Unique connector name (metrics label)")
     backoff: BackoffConfig = Field(default_factory=BackoffConfig)
 
