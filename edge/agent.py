@@ -1,0 +1,373 @@
+"""The edge agent: connectors -> state and frames -> inference -> rules -> outbox -> uplink.
+
+One processing tick (every ``tick_interval`` seconds) takes every reading the connectors
+delivered since the last tick, updates asset state, cuts the frames that are due, scores them all
+in one model call, evaluates rules for the assets that changed (and those with a pending or
+active rule), writes readings, frames and events to the outbox in ONE transaction, and only then
+runs rule actions and wakes the uplink. Nothing leaves the agent (no write-back, no Kafka send)
+for data the outbox does not hold.
+
+Connectors deliver into an in-memory list bounded by ``queue_size`` readings; beyond it readings
+are dropped and counted (``edgeloop_edge_queue_dropped_total``): that only happens when the disk
+cannot keep up, and the drop happens where it costs least (before any processing).
+
+The agent keeps running without a model, and when the model cannot be loaded (corrupt file, wrong
+inputs): it logs why, reports ``degraded`` on ``/healthz`` and in ``edgeloop_edge_degraded``, and
+goes on building frames (unscored), firing rules and buffering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from edge.config import EdgeConfig
+from edge.frames import FrameBuilder
+from edge.inference import LoadedModel, ModelLoadError, ModelSlot, load_model
+from edge.metrics import EdgeMetrics, HealthServer
+from edge.outbox import Outbox, OutboxError
+from edge.rules import ActionRunner, Firing, RuleEngine
+from edge.synthetic import SyntheticConfig, SyntheticConnector
+from edge.uplink import Uplink
+from protocols.base import Connector, ConnectorState, load_connector_class
+from shared.records import Frame, Heartbeat, Reading, Record, now_ns
+
+__all__ = ["Agent", "build_connector"]
+
+log = logging.getLogger(__name__)
+
+
+def build_connector(config: Any) -> Connector[Any]:
+    """The connector for one ``connectors[]`` entry (no I/O)."""
+    if isinstance(config, SyntheticConfig):
+        return SyntheticConnector(config)
+    cls = load_connector_class(config.kind)
+    return cls(config)
+
+
+class Agent:
+    """The gateway agent. Async context manager; ``start``/``stop`` are idempotent."""
+
+    def __init__(
+        self, config: EdgeConfig, *, connectors: Mapping[str, Connector[Any]] | None = None
+    ) -> None:
+        self.config = config
+        self.agent_id = config.agent_id
+        self.metrics = EdgeMetrics(config.agent_id)
+        self.connectors: dict[str, Connector[Any]] = (
+            dict(connectors)
+            if connectors is not None
+            else {c.name: build_connector(c) for c in config.connectors}
+        )
+        self.outbox = Outbox(
+            config.outbox_path(),
+            max_bytes=config.outbox.max_bytes,
+            overflow=config.outbox.overflow,
+            synchronous=config.outbox.synchronous,
+            on_drop=lambda kind, n: self.metrics.outbox_dropped(kind.name.lower(), n),
+        )
+        self.frames = FrameBuilder(config.frames)
+        self.slot = ModelSlot(observe_latency=self.metrics.inference.observe)
+        self.rules = RuleEngine(config.rules, on_error=self.metrics.rule_error)
+        self.actions = ActionRunner(self.connectors, on_result=self.metrics.action)
+        self.uplink = Uplink(config.uplink, config.agent_id, self.outbox, self.metrics)
+        self.http: HealthServer | None = None
+        if config.http.port is not None:
+            self.http = HealthServer(config.http.host, config.http.port, self.health)
+        self._queue: list[tuple[str, Sequence[Reading]]] = []
+        self._queued = 0
+        self._carry: list[Record] = []
+        self._last_frame: dict[str, Frame] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._stopping = False
+        self._started_at = 0.0
+        self.accepted_readings = 0  # readings committed to the outbox
+        self.frames_built = 0
+        self.events_emitted = 0
+        self.ticks = 0
+        self._skipped_seen = 0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._stopping = False
+        self._started_at = time.monotonic()
+        try:
+            await self.outbox.start()
+            if self.config.model is not None:
+                m = self.config.model
+                await self.load_model(m.path, m.manifest_path(), raise_errors=False)
+            await self.actions.start()
+            for name, conn in self.connectors.items():
+                conn.set_sink(self._make_sink(name))
+                await conn.start()
+            await self.uplink.start()
+            if self.http is not None:
+                await self.http.start()
+            self._tasks = [
+                asyncio.create_task(self._tick_loop(), name=f"agent:{self.agent_id}:tick"),
+                asyncio.create_task(self._house_loop(), name=f"agent:{self.agent_id}:house"),
+            ]
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "agent %s started: %d connectors, %d frame specs, %d rules, model %s, outbox %s "
+            "(%d records waiting)",
+            self.agent_id,
+            len(self.connectors),
+            len(self.config.frames),
+            len(self.config.rules),
+            self.slot.versions or self.slot.error or "none",
+            self.outbox.path,
+            self.outbox.rows,
+        )
+
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        """Stop sources, commit what they delivered, flush the uplink for a bounded time."""
+        if not self._started:
+            return
+        self._started = False
+        self._stopping = True
+        for conn in self.connectors.values():
+            with contextlib.suppress(Exception):
+                await conn.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        with contextlib.suppress(OutboxError):
+            if self.outbox._executor is not None:
+                await self._tick()  # commit what the connectors delivered before they stopped
+        await self.actions.stop()
+        await self.uplink.stop(flush_timeout=flush_timeout)
+        await self.outbox.stop()
+        if self.http is not None:
+            await self.http.stop()
+        log.info(
+            "agent %s stopped (%d records left in the outbox)", self.agent_id, self.outbox.rows
+        )
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # --- model --------------------------------------------------------------------------
+
+    async def load_model(
+        self, path: Path, manifest: Path, *, raise_errors: bool = True
+    ) -> LoadedModel | None:
+        """Load a model and swap it in; the replaced one stays available for rollback."""
+        threads = self.config.model.intra_op_threads if self.config.model else 1
+        try:
+            model = await asyncio.to_thread(load_model, path, manifest, intra_op_threads=threads)
+        except ModelLoadError as exc:
+            self.metrics.model_errors.inc()
+            self.slot.fail(str(exc))
+            self.metrics.degraded.set(1)
+            log.error("model not loaded, running without it (degraded): %s", exc)
+            if raise_errors:
+                raise
+            return None
+        self.slot.swap(model)
+        self.frames.use_model_features(model.features)
+        self.metrics.model_version.set(model.version)
+        log.info(
+            "model %s v%d active (%d features)",
+            model.manifest.name,
+            model.version,
+            len(model.features),
+        )
+        return model
+
+    # --- ingest -------------------------------------------------------------------------
+
+    def _make_sink(self, name: str) -> Any:
+        def sink(readings: Sequence[Reading]) -> None:
+            n = len(readings)
+            if self._queued + n > self.config.queue_size:
+                self.metrics.queue_dropped(name, n)
+                return
+            self._queue.append((name, readings))
+            self._queued += n
+
+        return sink
+
+    def ingest(self, connector: str, readings: Sequence[Reading]) -> None:
+        """Offer readings as if ``connector`` had delivered them (bounded like a connector)."""
+        self._make_sink(connector)(readings)
+
+    # --- the tick -----------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        interval = self.config.tick_interval
+        next_at = time.monotonic()
+        while True:
+            try:
+                await self._tick()
+            except OutboxError as exc:
+                log.error("outbox write failed; the tick's records are kept for a retry: %s", exc)
+            next_at = max(next_at + interval, time.monotonic())
+            await asyncio.sleep(next_at - time.monotonic())
+
+    async def _tick(self) -> None:
+        queue, self._queue, self._queued = self._queue, [], 0
+        now = time.monotonic()
+        readings: list[Reading] = []
+        per_conn: dict[str, int] = {}
+        for name, batch in queue:
+            readings.extend(batch)
+            per_conn[name] = per_conn.get(name, 0) + len(batch)
+        pending = self.frames.observe(readings, now) if readings else []
+        pending += self.frames.due(now)
+        if self.frames.skipped != self._skipped_seen:
+            self.metrics.frames_skipped.inc(self.frames.skipped - self._skipped_seen)
+            self._skipped_seen = self.frames.skipped
+        frames = self.slot.score(pending)
+        for f in frames:
+            self._last_frame[f.asset] = f
+        firings: list[Firing] = []
+        if self.rules.rules:
+            touched = {r.asset for r in readings} | {f.asset for f in frames}
+            touched |= self.rules.watched_assets()
+            ts = now_ns()
+            for asset in touched:
+                firings += self.rules.evaluate(asset, self._rule_context(asset, now), now, ts)
+        events = [f.event for f in firings if f.event is not None]
+        records: list[Record] = [*self._carry, *readings, *frames, *events]
+        if not records:
+            return
+        try:
+            await self.outbox.append(records)
+        except OutboxError:
+            self._carry = records[-self.config.queue_size :]
+            raise
+        self._carry = []
+        self.uplink.notify()
+        self.ticks += 1
+        self.accepted_readings += len(readings)
+        for name, n in per_conn.items():
+            self.metrics.readings(name, n)
+        if frames:
+            self.frames_built += len(frames)
+            scored = sum(1 for f in frames if f.model_version is not None)
+            if scored:
+                self.metrics.scored.inc(scored)
+            for f in frames:
+                self.metrics.frames(f.asset)
+        self.events_emitted += len(events)
+        for firing in firings:
+            self.metrics.rule(firing.rule.name, "clear" if firing.cleared else "fire")
+            self.actions.dispatch(firing)
+
+    def _rule_context(self, asset: str, now: float) -> dict[str, Any]:
+        st = self.frames.state(asset)
+        frame = self._last_frame.get(asset)
+        return {
+            "asset": asset,
+            "r": st.values(),
+            "age": st.ages(now),
+            "f": frame.features if frame is not None else {},
+            "has_frame": frame is not None,
+            "prediction": frame.prediction
+            if frame is not None and frame.prediction is not None
+            else -1.0,
+            "score": frame.score if frame is not None and frame.score is not None else -1.0,
+        }
+
+    # --- housekeeping: gauges and heartbeats --------------------------------------------
+
+    async def _house_loop(self) -> None:
+        hb_every = self.config.heartbeat_interval
+        next_hb = time.monotonic()
+        while True:
+            try:
+                stats = await self.outbox.stats()
+                self.metrics.outbox_rows.set(stats.rows)
+                self.metrics.outbox_bytes.set(stats.nbytes)
+                age = (
+                    0.0 if stats.oldest_ns is None else max(0.0, (now_ns() - stats.oldest_ns) / 1e9)
+                )
+                self.metrics.outbox_age.set(age)
+                self.metrics.degraded.set(1 if self.degraded_reasons() else 0)
+                if time.monotonic() >= next_hb:
+                    next_hb = time.monotonic() + hb_every
+                    reasons = self.degraded_reasons()
+                    hb = Heartbeat(
+                        self.agent_id,
+                        now_ns(),
+                        self.slot.versions,
+                        stats.rows,
+                        stats.nbytes,
+                        "degraded" if reasons else "ok",
+                        {
+                            "reasons": reasons,
+                            "uptime_s": round(time.monotonic() - self._started_at, 1),
+                            "dropped": {k.name.lower(): v for k, v in self.outbox.dropped.items()},
+                        },
+                    )
+                    await self.outbox.append([hb])
+                    self.uplink.notify()
+            except OutboxError as exc:
+                log.error("housekeeping: %s", exc)
+            await asyncio.sleep(1.0)
+
+    # --- health -------------------------------------------------------------------------
+
+    def degraded_reasons(self) -> list[str]:
+        reasons: list[str] = []
+        if self.config.model is not None and self.slot.current is None:
+            reasons.append(f"model: {self.slot.error or 'not loaded'}")
+        for name, conn in self.connectors.items():
+            if conn.status.state is not ConnectorState.CONNECTED:
+                err = conn.status.last_error
+                reasons.append(f"connector {name}: {conn.status.state}{f' ({err})' if err else ''}")
+        if self.uplink.last_error is not None:
+            reasons.append(f"uplink: {self.uplink.last_error}")
+        return reasons
+
+    def health(self) -> dict[str, Any]:
+        reasons = self.degraded_reasons()
+        m = self.slot.current
+        status = "stopping" if self._stopping else ("degraded" if reasons else "ok")
+        return {
+            "status": status,
+            "agent_id": self.agent_id,
+            "reasons": reasons,
+            "model": None
+            if m is None
+            else {"name": m.manifest.name, "version": m.version, "features": list(m.features)},
+            "model_error": self.slot.error,
+            "outbox": {
+                "rows": self.outbox.rows,
+                "bytes": self.outbox.nbytes,
+                "next_seq": self.outbox.next_seq,
+                "dropped": {k.name.lower(): v for k, v in self.outbox.dropped.items()},
+            },
+            "uplink": {
+                "connected": self.uplink.connected,
+                "last_error": self.uplink.last_error,
+                "acked_batches": self.uplink.acked_batches,
+            },
+            "connectors": {n: str(c.status.state) for n, c in self.connectors.items()},
+            "accepted_readings": self.accepted_readings,
+            "frames": self.frames_built,
+            "events": self.events_emitted,
+        }

@@ -1,0 +1,141 @@
+"""``edgeloop edge``: run and inspect the gateway agent.
+
+``edgeloop edge run -c edge.yaml`` runs until SIGINT or SIGTERM, then stops the connectors,
+commits what they had delivered, and gives the uplink ``--flush-timeout`` seconds to send what
+the outbox holds (the rest stays in the outbox for the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from edge.config import EdgeConfig, load_edge_config
+from shared.config import ConfigError
+
+__all__ = ["edge"]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (+ exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if as_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+
+
+async def run_agent(config: EdgeConfig, flush_timeout: float) -> None:
+    from edge.agent import Agent
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    agent = Agent(config)
+    try:
+        await agent.start()
+        if agent.http is not None:
+            logging.getLogger("edge").info(
+                "health and metrics on http://%s:%d", config.http.host, agent.http.port
+            )
+        await stop.wait()
+        logging.getLogger("edge").info("signal received; stopping")
+    finally:
+        await agent.stop(flush_timeout=flush_timeout)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+@click.group()
+def edge() -> None:
+    """Run and inspect the edge agent on a gateway."""
+
+
+@edge.command("run")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="edge.yaml (see docs/edge.yaml)",
+)
+@click.option("--log-json/--no-log-json", default=None, help="JSON log lines (overrides log.json)")
+@click.option(
+    "--flush-timeout",
+    default=5.0,
+    show_default=True,
+    help="seconds to keep sending the outbox on shutdown",
+)
+def run(config_path: Path, log_json: bool | None, flush_timeout: float) -> None:
+    """Run the agent until SIGINT/SIGTERM."""
+    try:
+        config = load_edge_config(config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(1) from None
+    setup_logging(config.log.level, config.log.json_ if log_json is None else log_json)
+    asyncio.run(run_agent(config, flush_timeout))
+
+
+@edge.command("outbox")
+@click.option(
+    "-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path)
+)
+def outbox_cmd(config_path: Path) -> None:
+    """Show what the outbox holds (safe while the agent runs: WAL readers do not block it)."""
+    import sqlite3
+
+    try:
+        config = load_edge_config(config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(1) from None
+    path = config.outbox_path()
+    if not path.exists():
+        click.echo(f"{path}: no outbox yet")
+        return
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT kind, COUNT(*), SUM(LENGTH(payload)), SUM(seq IS NOT NULL) FROM rows "
+            "GROUP BY kind"
+        ).fetchall()
+        seq = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+    finally:
+        db.close()
+    from shared.wire import Kind
+
+    click.echo(f"{path}  next batch_seq {seq[0] if seq else 1}")
+    for kind, n, nbytes, claimed in rows:
+        click.echo(
+            f"  {Kind(kind).name.lower():<10} {n:>10} rows {nbytes or 0:>12} B  {claimed} claimed"
+        )

@@ -1,0 +1,334 @@
+"""The edge agent's configuration: one YAML file, validated before anything starts.
+
+``edgeloop config validate edge.yaml`` and ``edgeloop edge run -c edge.yaml`` both load it with
+:func:`load_edge_config`; every problem names the file, the key path (``connectors[2].registers[5]
+.type``, ``rules[1].when``), the line and what was expected.
+
+Connectors form a list discriminated by ``kind``. The kinds on offer are the built-in
+``synthetic`` source plus every connector registered in the ``edgeloop.connectors`` entry-point
+group whose module imports; a kind whose module is missing is simply not offered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import cel
+from pydantic import Field, field_validator, model_validator
+
+from edge.synthetic import SyntheticConfig
+from protocols.base import BackoffConfig, ConnectorConfig, available_connectors
+from shared.config import ConfigModel, load_config
+from shared.records import Severity
+from shared.topics import DEFAULT_PREFIX
+
+__all__ = [
+    "AGGREGATES",
+    "EdgeConfig",
+    "FrameConfig",
+    "HttpConfig",
+    "ModelConfig",
+    "OutboxConfig",
+    "RuleConfig",
+    "UplinkConfig",
+    "connector_config_models",
+    "load_edge_config",
+]
+
+log = logging.getLogger(__name__)
+
+Aggregate = Literal["last", "mean", "min", "max", "std", "delta"]
+AGGREGATES: tuple[str, ...] = typing.get_args(Aggregate)
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def connector_config_models() -> list[type[ConnectorConfig]]:
+    """Config models of every connector kind this installation can run (built-ins first)."""
+    models: list[type[ConnectorConfig]] = [SyntheticConfig]
+    seen = {"synthetic"}
+    for name, ep in sorted(available_connectors().items()):
+        if name in seen:
+            continue
+        try:
+            cls = ep.load()
+            model = cls.config_model
+        except Exception as exc:  # noqa: BLE001 - a missing/broken plugin only removes its kind
+            log.debug("connector kind %r unavailable: %s", name, exc)
+            continue
+        ann = model.model_fields["kind"].annotation
+        if typing.get_origin(ann) is not Literal or name not in typing.get_args(ann):
+            log.warning(
+                "connector kind %r: its config model %s does not declare kind: Literal[%r]; skipped",
+                name,
+                model.__name__,
+                name,
+            )
+            continue
+        seen.add(name)
+        models.append(model)
+    return models
+
+
+def _connector_union() -> Any:
+    models = connector_config_models()
+    if len(models) == 1:
+        return models[0]
+    return Annotated[typing.Union[tuple(models)], Field(discriminator="kind")]  # noqa: UP007
+
+
+ConnectorEntry: Any = _connector_union()
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+
+class TriggerConfig(ConfigModel):
+    """When a frame is cut: every ``period`` seconds, or whenever ``tag`` changes value."""
+
+    period: float | None = Field(None, gt=0, description="seconds between frames")
+    tag: str | None = Field(None, min_length=1, description="cut a frame when this tag changes")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TriggerConfig:
+        if (self.period is None) == (self.tag is None):
+            raise ValueError("set exactly one of 'period' (seconds) or 'tag' (e.g. a part counter)")
+        return self
+
+
+class FeatureConfig(ConfigModel):
+    tag: str = Field(..., min_length=1)
+    aggs: list[Aggregate] = Field(default_factory=lambda: ["last"], min_length=1)  # type: ignore[arg-type]
+
+
+class FrameConfig(ConfigModel):
+    """A frame per asset: features ``<tag>_<agg>`` aggregated over the window since the last frame.
+
+    ``features`` empty means: take the model's feature list from its manifest (names must read
+    ``<tag>_<agg>``). ``on_stale`` says what happens when an input is stale (no reading within
+    ``stale_after`` seconds) or of bad quality: ``skip`` the frame, ``impute_last`` good value, or
+    ``mark`` it (features computed from what there is, NaN when nothing, named in ``marks``).
+    """
+
+    asset: str = Field(..., min_length=1)
+    trigger: TriggerConfig
+    features: list[FeatureConfig] = Field(default_factory=list)
+    stale_after: float = Field(10.0, gt=0)
+    on_stale: Literal["skip", "impute_last", "mark"] = "mark"
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+class ModelConfig(ConfigModel):
+    """The ONNX model scored on the gateway; its manifest names the features in input order."""
+
+    path: Path
+    manifest: Path | None = Field(
+        None, description="manifest JSON; default: the model path with .manifest.json"
+    )
+    intra_op_threads: int = Field(1, ge=1, le=64)
+    max_batch: int = Field(1024, ge=1)
+
+    def manifest_path(self) -> Path:
+        return self.manifest or self.path.with_suffix(".manifest.json")
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+
+class EventAction(ConfigModel):
+    type: Literal["event"]
+
+
+class WriteAction(ConfigModel):
+    type: Literal["write"]
+    connector: str = Field(..., min_length=1)
+    tag: str = Field(..., min_length=1)
+    value: bool | int | float | str
+    on_clear: bool | int | float | str | None = Field(
+        None, description="value written when the rule clears (e.g. reset the alarm coil)"
+    )
+
+
+class MqttAction(ConfigModel):
+    type: Literal["mqtt"]
+    topic: str = Field(..., min_length=1)
+    payload: str = Field(
+        "", description="str.format template over the event ({rule}, {asset}, {message}, values)"
+    )
+    connector: str | None = Field(None, description="an MQTT connector with a publish() method")
+    url: str | None = Field(None, description="or a broker of its own: mqtt://host:port")
+    qos: Literal[0, 1, 2] = 1
+    retain: bool = False
+    timeout: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _target(self) -> MqttAction:
+        if (self.connector is None) == (self.url is None):
+            raise ValueError("set exactly one of 'connector' (an MQTT connector) or 'url'")
+        return self
+
+
+class WebhookAction(ConfigModel):
+    type: Literal["webhook"]
+    url: str = Field(..., pattern=r"^https?://")
+    method: Literal["POST", "PUT"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0, le=20)
+    backoff: float = Field(0.5, gt=0)
+
+
+Action = Annotated[
+    EventAction | WriteAction | MqttAction | WebhookAction, Field(discriminator="type")
+]
+
+
+def _compile_cel(expr: str, rule: str, key: str) -> Any:
+    try:
+        return cel.compile(expr)
+    except Exception as exc:  # noqa: BLE001 - the CEL binding raises ValueError/RuntimeError
+        first = str(exc).splitlines()
+        detail = " ".join(s.strip() for s in first[:4])
+        raise ValueError(f"rule {rule!r}: '{key}' is not valid CEL: {detail}") from None
+
+
+class RuleConfig(ConfigModel):
+    """A CEL condition per asset, evaluated every tick and on every frame.
+
+    Variables: ``asset`` (string), ``r`` (tag -> last value), ``age`` (tag -> seconds since the
+    last reading), ``f`` (feature -> value of the asset's latest frame), ``prediction`` and
+    ``score`` (of the latest frame; -1.0 when none), ``has_frame`` (bool).
+    """
+
+    name: str = Field(..., pattern=_NAME.pattern)
+    assets: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns")
+    when: str = Field(..., min_length=1)
+    clear: str | None = Field(
+        None, description="hysteresis: once fired, stay active until this holds"
+    )
+    for_: float = Field(0.0, ge=0, alias="for", description="must hold this many seconds")
+    cooldown: float = Field(0.0, ge=0, description="seconds before the rule may fire again")
+    severity: Literal["info", "warning", "critical"] = "warning"
+    message: str = ""
+    emit_event: bool = True
+    actions: list[Action] = Field(default_factory=list)
+
+    model_config = {"populate_by_name": True}
+
+    @field_validator("when", "clear")
+    @classmethod
+    def _compiles(cls, v: str | None, info: Any) -> str | None:
+        if v is not None:
+            _compile_cel(v, info.data.get("name", "?"), info.field_name)
+        return v
+
+    @property
+    def severity_level(self) -> Severity:
+        return Severity[self.severity.upper()]
+
+
+# --- outbox / uplink / http -------------------------------------------------------------------
+
+
+class OutboxConfig(ConfigModel):
+    """SQLite WAL outbox. ``synchronous: normal`` survives a process crash (SIGKILL): a committed
+    transaction is in the WAL file in the OS cache. ``full`` also survives power loss (fsync per
+    commit) at a cost in throughput."""
+
+    path: Path | None = Field(None, description="default: <state_dir>/outbox.db")
+    max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    synchronous: Literal["normal", "full"] = "normal"
+
+
+class UplinkBackoff(ConfigModel):
+    initial: float = Field(0.2, gt=0)
+    max: float = Field(10.0, gt=0)
+
+
+class UplinkConfig(ConfigModel):
+    """Kafka producer settings; TLS/SASL are handed to aiokafka as they are."""
+
+    bootstrap_servers: str | list[str] = "127.0.0.1:9092"
+    topic_prefix: str = DEFAULT_PREFIX
+    batch_size: int = Field(500, ge=1, le=100_000, description="records per wire batch")
+    max_in_flight: int = Field(32, ge=1, le=1024, description="batches awaiting acks")
+    linger_ms: int = Field(20, ge=0, le=60_000)
+    request_timeout_ms: int = Field(5000, ge=500)
+    compression: Literal["none", "gzip"] = "none"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    backoff: UplinkBackoff = Field(default_factory=UplinkBackoff)
+
+
+class HttpConfig(ConfigModel):
+    host: str = "127.0.0.1"
+    port: int | None = Field(9108, ge=0, le=65535, description="0: any free port; null: off")
+
+
+class LogConfig(ConfigModel):
+    json_: bool = Field(False, alias="json")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    model_config = {"populate_by_name": True}
+
+
+class EdgeConfig(ConfigModel):
+    agent_id: str = Field(..., pattern=_NAME.pattern)
+    state_dir: Path = Path("./edge-state")
+    connectors: list[ConnectorEntry] = Field(default_factory=list)
+    # (a discriminated union of the installed connector config models; see connector_config_models)
+    frames: list[FrameConfig] = Field(default_factory=list)
+    model: ModelConfig | None = None
+    rules: list[RuleConfig] = Field(default_factory=list)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    uplink: UplinkConfig = Field(default_factory=UplinkConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    heartbeat_interval: float = Field(10.0, gt=0)
+    tick_interval: float = Field(0.05, gt=0, le=5, description="seconds per processing tick")
+    queue_size: int = Field(200_000, ge=100, description="readings buffered before the outbox")
+    connector_backoff: BackoffConfig | None = None
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> EdgeConfig:
+        names = [c.name for c in self.connectors]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"connector names must be unique; repeated: {dupes}")
+        rules = [r.name for r in self.rules]
+        rdupes = sorted({n for n in rules if rules.count(n) > 1})
+        if rdupes:
+            raise ValueError(f"rule names must be unique; repeated: {rdupes}")
+        assets = [f.asset for f in self.frames]
+        fdupes = sorted({a for a in assets if assets.count(a) > 1})
+        if fdupes:
+            raise ValueError(f"one frame definition per asset; repeated: {fdupes}")
+        for rule in self.rules:
+            for act in rule.actions:
+                target = getattr(act, "connector", None)
+                if target is not None and target not in names:
+                    raise ValueError(
+                        f"rule {rule.name!r}: action {act.type!r} names connector {target!r}, "
+                        f"which is not configured (have: {names or 'none'})"
+                    )
+        return self
+
+    def outbox_path(self) -> Path:
+        return self.outbox.path or self.state_dir / "outbox.db"
+
+
+def load_edge_config(path: str | os.PathLike[str]) -> EdgeConfig:
+    """Load and validate an edge config file; raises :class:`shared.config.ConfigError`."""
+    return load_config(path, EdgeConfig)

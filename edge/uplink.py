@@ -1,0 +1,196 @@
+"""The uplink: outbox -> Kafka, at least once, with numbered batches the cloud deduplicates.
+
+Each round claims up to ``max_in_flight`` batches from the outbox (batches claimed earlier and
+not yet acknowledged come first, with their original ``batch_seq``), encodes them with the wire
+codec, sends them (key = asset, topic per kind) with ``acks="all"``, waits for every ack, and
+deletes exactly the acknowledged batches from the outbox. A failed round closes the producer and
+tries again after a capped exponential backoff (``initial`` doubling to ``max``, forever): the
+cloud being away for hours costs outbox space, never data, until the overflow policy says so.
+
+The idempotent producer is off on purpose: the embedded Tansu broker rejects it, and the
+``(agent_id, batch_seq)`` pair already makes redelivery harmless downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaProducer
+
+from edge.config import UplinkConfig
+from edge.metrics import EdgeMetrics
+from edge.outbox import ClaimedBatch, Outbox
+from shared.topics import Topics
+from shared.wire import Batch, encode_batch
+
+__all__ = ["Uplink"]
+
+log = logging.getLogger(__name__)
+
+
+def producer_kwargs(cfg: UplinkConfig) -> dict[str, Any]:
+    """aiokafka producer settings from the config (TLS/SASL passed through)."""
+    kw: dict[str, Any] = {
+        "bootstrap_servers": cfg.bootstrap_servers,
+        "acks": "all",
+        "enable_idempotence": False,
+        "linger_ms": cfg.linger_ms,
+        "request_timeout_ms": cfg.request_timeout_ms,
+        "max_request_size": 8 * 1024 * 1024,
+        "max_batch_size": 1024 * 1024,
+        "retry_backoff_ms": 100,
+        "security_protocol": cfg.security_protocol,
+    }
+    if cfg.compression != "none":
+        kw["compression_type"] = cfg.compression
+    if cfg.security_protocol in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=str(cfg.ssl_cafile) if cfg.ssl_cafile else None)
+        if cfg.ssl_certfile:
+            ctx.load_cert_chain(
+                str(cfg.ssl_certfile), str(cfg.ssl_keyfile) if cfg.ssl_keyfile else None
+            )
+        kw["ssl_context"] = ctx
+    if cfg.sasl_mechanism:
+        kw["sasl_mechanism"] = cfg.sasl_mechanism
+        kw["sasl_plain_username"] = cfg.sasl_username
+        kw["sasl_plain_password"] = cfg.sasl_password
+    return kw
+
+
+class Uplink:
+    """Drains the outbox into Kafka. Async context manager; ``stop`` flushes for a bounded time."""
+
+    def __init__(
+        self, cfg: UplinkConfig, agent_id: str, outbox: Outbox, metrics: EdgeMetrics
+    ) -> None:
+        self.cfg = cfg
+        self.agent_id = agent_id
+        self.outbox = outbox
+        self.metrics = metrics
+        self.topics = Topics(cfg.topic_prefix)
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._producer: AIOKafkaProducer | None = None
+        self.connected = False
+        self.last_error: str | None = None
+        self.acked_batches = 0
+        self.acked_records = 0
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name=f"uplink:{self.agent_id}")
+
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        """Send what the outbox holds for up to ``flush_timeout`` s, then stop. Idempotent."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        if flush_timeout > 0 and self.connected:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(task), flush_timeout)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await self._close_producer()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def notify(self) -> None:
+        """New rows are in the outbox."""
+        self._wake.set()
+
+    async def _close_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 5.0)
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = AIOKafkaProducer(**producer_kwargs(self.cfg))
+            try:
+                await asyncio.wait_for(producer.start(), self.cfg.request_timeout_ms / 1000 + 5)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), 5.0)
+                raise
+            self._producer = producer
+        return self._producer
+
+    async def _run(self) -> None:
+        delay = self.cfg.backoff.initial
+        while True:
+            try:
+                sent = await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried forever, with backoff
+                self.connected = False
+                self.metrics.uplink_connected.set(0)
+                self.metrics.uplink_errors.inc()
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("uplink: %s; retrying in %.1fs", self.last_error, delay)
+                await self._close_producer()
+                await asyncio.sleep(delay * random.uniform(0.9, 1.1))
+                delay = min(delay * 2, self.cfg.backoff.max)
+                continue
+            delay = self.cfg.backoff.initial
+            if sent == 0:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+
+    async def _round(self) -> int:
+        batches = await self.outbox.claim(
+            after_seq=0, max_batches=self.cfg.max_in_flight, batch_size=self.cfg.batch_size
+        )
+        if not batches:
+            return 0
+        producer = await self._ensure_producer()
+        futures = []
+        now = time.time_ns()
+        for b in batches:
+            value = encode_batch(Batch(self.agent_id, b.seq, b.kind, b.records, now))
+            fut = await producer.send(
+                self.topics.for_kind(b.kind), value=value, key=b.asset.encode()
+            )
+            futures.append(fut)
+        timeout = self.cfg.request_timeout_ms / 1000 * 2 + 5
+        results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
+        ok: list[ClaimedBatch] = [
+            b for b, r in zip(batches, results, strict=True) if not isinstance(r, BaseException)
+        ]
+        if ok:
+            await self.outbox.ack([b.seq for b in ok])
+            for b in ok:
+                self.metrics.uplink(b.kind.name.lower(), len(b.records))
+                self.acked_records += len(b.records)
+            self.acked_batches += len(ok)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+        self.connected = True
+        self.last_error = None
+        self.metrics.uplink_connected.set(1)
+        return len(batches)
