@@ -119,6 +119,29 @@ class FrameConfig(ConfigModel):
     features: list[FeatureConfig] = Field(default_factory=list)
     stale_after: float = Field(10.0, gt=0)
     on_stale: Literal["skip", "impute_last", "mark"] = "mark"
+    key: str | None = Field(
+        None,
+        description="frame key template over {asset}, {value} (trigger tag) and {ts_ms}; default "
+        "'{asset}-{value}' for a tag trigger (the simulator's part id), '{asset}-{ts_ms}' else",
+    )
+
+    @field_validator("key")
+    @classmethod
+    def _key_formats(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                v.format(asset="a", value=1, ts_ms=0)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"key template {v!r} does not format ({exc}); use {{asset}}, {{value}}, "
+                    "{ts_ms}"
+                ) from None
+        return v
+
+    def key_template(self) -> str:
+        if self.key is not None:
+            return self.key
+        return "{asset}-{value}" if self.trigger.tag is not None else "{asset}-{ts_ms}"
 
 
 # --- model ------------------------------------------------------------------------------------

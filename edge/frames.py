@@ -4,7 +4,8 @@ Each reading updates its asset's :class:`TagState`: the last reading and, for ta
 frame, running window statistics (count, mean and variance by Welford's method, min, max, first,
 last) — constant memory however long a machine cycle lasts. A frame is cut per asset on its
 trigger: every ``period`` seconds (checked each tick), or when the ``tag`` trigger changes value
-(e.g. the part counter: the frame then covers exactly one cycle and its key is the counter value).
+(e.g. the part counter: the frame then covers exactly one cycle and is keyed ``<asset>-<n>``,
+the simulator's part id, by default; ``key`` is a template over {asset}, {value}, {ts_ms}).
 
 Feature ``<tag>_<agg>``: ``last``, ``mean``, ``min``, ``max``, ``std`` (population) over the good
 numeric values in the window; ``delta`` is the last value minus the last value at the previous
@@ -205,7 +206,10 @@ class FrameBuilder:
             if spec is not None and spec.trigger.tag == r.tag:
                 prev, st.trigger_value = st.trigger_value, r.value
                 if prev is not None and r.value != prev and r.quality is not Quality.BAD:
-                    frame = self._cut(st, spec, str(r.value), r.ts_ns, at)
+                    key = spec.key_template().format(
+                        asset=r.asset, value=r.value, ts_ms=r.ts_ns // 1_000_000
+                    )
+                    frame = self._cut(st, spec, key, r.ts_ns, at)
                     if frame is not None:
                         out.append(frame)
             st.tag(r.tag).observe(r, at)
@@ -228,7 +232,8 @@ class FrameBuilder:
             # keep the cadence; after a long stall, do not emit a burst of catch-up frames
             st.next_due = max(st.next_due + period, at)
             ts = time.time_ns()
-            frame = self._cut(st, spec, str(ts // 1_000_000), ts, at)
+            key = spec.key_template().format(asset=asset, value="", ts_ms=ts // 1_000_000)
+            frame = self._cut(st, spec, key, ts, at)
             if frame is not None:
                 out.append(frame)
         return out

@@ -87,19 +87,11 @@ class OutboxStats:
 
 
 def _default(obj: Any) -> Any:
-    raise TypeError(f"cannot store {type(obj).__name__} in the outbox")
-
-
-def _big(v: Any) -> Any:
-    if type(v) is int and not -(2**63) <= v <= 2**64 - 1:
+    if type(obj) is int:  # beyond 64 bits
         return msgpack.ExtType(
-            _EXT_BIGINT, v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True)
+            _EXT_BIGINT, obj.to_bytes((obj.bit_length() + 8) // 8, "big", signed=True)
         )
-    if isinstance(v, dict):
-        return {k: _big(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_big(x) for x in v]
-    return v
+    raise TypeError(f"cannot store {type(obj).__name__} in the outbox")
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -137,11 +129,7 @@ def _fields(rec: Record) -> list[Any]:
 
 
 def _pack(rec: Record) -> bytes:
-    fields = _fields(rec)
-    try:
-        out: bytes = msgpack.packb(fields, use_bin_type=True, default=_default)
-    except OverflowError:
-        out = msgpack.packb(_big(fields), use_bin_type=True, default=_default)
+    out: bytes = msgpack.packb(_fields(rec), use_bin_type=True, default=_default)
     return out
 
 
@@ -239,7 +227,7 @@ class Outbox:
             mode = db.execute("PRAGMA journal_mode").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise OutboxError(f"{self.path}: could not switch to WAL mode (got {mode})")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise OutboxError(f"cannot open the outbox at {self.path}: {exc}") from exc
         self._db = db
         n, b = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM rows").fetchone()

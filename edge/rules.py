@@ -317,7 +317,8 @@ class ActionRunner:
             if publish is None:
                 raise RuntimeError(f"connector {act.connector!r} cannot publish MQTT")
             await asyncio.wait_for(
-                publish(topic, payload, qos=act.qos, retain=act.retain), timeout=act.timeout
+                publish(topic, payload, qos=act.qos, retain=act.retain, within=act.timeout),
+                timeout=act.timeout + 1,
             )
             return
         assert act.url is not None
