@@ -94,5 +94,5 @@ def test_missing_or_malformed_manifest(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot read"):
         load_model(path, tmp_path / "nope.json")
     mpath.write_text('{"name": "x"}')
-    with pytest.raises(ModelLoadError, match="manifest .* incomplete"):
+    with pytest.raises(ModelLoadError, match=r"manifest .* incomplete"):
         load_model(path, mpath)
