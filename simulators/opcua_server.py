@@ -248,7 +248,7 @@ class OpcUaSimServer:
                 node = await var(spec.name, ua.VariantType.Double, 0.0, spec.description)
                 await node.add_property(
                     ua.NodeId(f"{self.line}.{asset}.{spec.name}.EngineeringUnits", ns),
-                    "EngineeringUnits",
+                    ua.QualifiedName("EngineeringUnits", 0),
                     _eu(spec.unit),
                 )
                 self._float_ids[row].append(node.nodeid)

@@ -195,7 +195,7 @@ _LOT_WEIGHTS = (
 )
 _NOISE = 0.75
 _TOLERANCE_UM = 30.0
-_UM_PER_UNIT = 12.0
+_UM_LOG_PER_UNIT = 0.35  # deviation = 30 um * exp(0.35 * latent): positive, > 30 um iff defective
 
 _EPS = 1e-9
 
@@ -486,7 +486,7 @@ class Scenario:
             + w["wear"] * (wear - 0.5)
             + _NOISE * q.standard_normal()
         )
-        deviation = _TOLERANCE_UM + _UM_PER_UNIT * latent
+        deviation = _TOLERANCE_UM * math.exp(_UM_LOG_PER_UNIT * latent)
         delay = q.uniform(*self.config.label_delay)
 
         counts = self._m_counts[:, m]

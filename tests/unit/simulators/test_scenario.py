@@ -57,7 +57,7 @@ def test_part_ids_join_labels_and_the_counter_tag() -> None:
         assert lab["part_id"] == f"{lab['asset']}-{lab['part_counter']}"
         assert lab["part_id"] in parts
         delay = lab["finished_t"]
-        assert lab["deviation_um"] > 30.0 if lab["defect"] else lab["deviation_um"] <= 30.0
+        assert lab["deviation_um"] >= 30.0 if lab["defect"] else lab["deviation_um"] <= 30.0
         assert delay >= 0
     # labels come 3-6 scenario seconds after the part
     first = [e for e in iter_labels(ScenarioConfig(seed=1), 60) if e.kind == "label"]
