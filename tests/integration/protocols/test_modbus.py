@@ -404,6 +404,8 @@ async def test_a_unit_that_stops_answering_is_bad_once_and_polled_with_backoff(s
             bad = [r for r in sink.readings if r.asset == "mute" and r.quality is Quality.BAD]
             assert sorted(r.tag for r in bad) == ["a", "b"]
             assert {r.status for r in bad} == {STATUS_NO_RESPONSE}
+            # late answers of the silent unit are not mistaken for the healthy unit's
+            assert all(r.quality is Quality.GOOD for r in sink.readings if r.asset == "ok")
             # while unit 1 polled 20 times, the silent unit was retried only at backoff pace
             assert len(s.reads(7)) - mark_unit7 <= 4
             assert conn.status.state is ConnectorState.CONNECTED
