@@ -903,13 +903,19 @@ async def _trusted(cert: x509.Certificate, trust_dir: Path) -> bool:
                 exact.append(await uacrypto.load_certificate(path))
     if any(c.public_bytes(Encoding.DER) == der for c in exact):
         return True
+    if not exact:
+        return False
+    # Not listed itself: accept it when a listed CA issued it (chain verification).
     store = TrustStore([trust_dir], [])
     await store.load()
-    logging.getLogger("asyncua.crypto.truststore").disabled = True  # logs a traceback per miss
+    truststore_log = logging.getLogger("asyncua.crypto.truststore")
+    truststore_log.disabled = True  # it logs a full traceback for every untrusted certificate
     try:
         return store.validate(cert)
+    except ValueError:
+        return False
     finally:
-        logging.getLogger("asyncua.crypto.truststore").disabled = False
+        truststore_log.disabled = False
 
 
 async def _read_many(
