@@ -263,7 +263,7 @@ async def test_writes_use_the_node_data_type_and_refusals_are_clear(server):
             await conn.write("speed", "fast")
         with pytest.raises(WriteError, match="out of range"):
             await conn.write("speed", 2**40)
-        with pytest.raises(WriteError, match="BadNotWritable|BadUserAccessDenied"):
+        with pytest.raises(WriteError, match=r"BadNotWritable|BadUserAccessDenied"):
             await conn.write("locked", 2.0)
         with pytest.raises(WriteError, match="not declared writable"):
             await conn.write("running", False)
