@@ -349,8 +349,11 @@ def validate_user_model(
     for out_name in expected:
         got = outs[out_name]
         if got.shape[0] != rows:
+            per_row = f"{got.shape[0] / rows:g} values per row" if rows else "values"
             raise UserModelError(
-                f"output {result!r} gives {got.shape[0]} rows for a batch of {rows}"
+                f"output {result!r} gives {per_row} for a batch of {rows} rows; a "
+                f"{kind} must give one {'value' if kind == 'regressor' else 'row'} per input "
+                "row ([N] or [N, 1])"
             )
         if out_name != "label":
             _check_finite(result, got, rows)
