@@ -383,9 +383,15 @@ class MqttLink:
                 await asyncio.wait_for(fut, self.connect_timeout + 1)
             self._force_close()
             raise
+        rc = fut.result()
         sock: Any = self.client.socket()
-        if sock is None:
-            raise ConnectorError(f"connect to {host}:{port} returned no socket")
+        if sock is None or rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._force_close()
+            raise ConnectorError(
+                f"connection to {host}:{port} closed before CONNACK "
+                f"({mqtt.error_string(rc) if rc else 'by the broker'}; "
+                "with TLS: a client certificate required or refused?)"
+            )
         self._sock = sock
         loop.add_reader(sock, self._readable)
         if self.client.want_write():
@@ -399,13 +405,16 @@ class MqttLink:
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if self._connack in done:
-                rc, present = self._connack.result()
-                if rc.is_failure:
-                    raise ConnectorError(f"broker refused the connection: {rc}")
+                code, present = self._connack.result()
+                if code.is_failure:
+                    raise ConnectorError(f"broker refused the connection: {code}")
                 self.session_present = present
                 return present
             if self.lost in done:
-                raise ConnectorError(f"connection closed before CONNACK: {self.lost.result()}")
+                raise ConnectorError(
+                    f"connection to {host}:{port} closed before CONNACK ({self.lost.result()}; "
+                    "with TLS: a client certificate required or refused?)"
+                )
             raise ConnectorError(f"no CONNACK from {host}:{port} within {self.connect_timeout}s")
         except BaseException:
             await self.close(graceful=False)
@@ -566,10 +575,34 @@ class MqttLink:
             self.on_message(msg)
 
 
+class _Client(mqtt.Client):
+    """paho's client, closing the TLS socket when the handshake fails (paho leaks it)."""
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        ctx = self._ssl_context
+        if ctx is None:
+            raise ConnectorError("TLS requested without an SSL context")
+        try:
+            ssl_sock = ctx.wrap_socket(
+                tcp_sock, server_hostname=self._host, do_handshake_on_connect=False
+            )
+        except BaseException:
+            tcp_sock.close()
+            raise
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            # hostname checking is the context's (check_hostname), off only when insecure
+            ssl_sock.do_handshake()
+        except BaseException:
+            ssl_sock.close()
+            raise
+        return ssl_sock
+
+
 def build_client(config: MqttConfig, *, manual_ack: bool) -> mqtt.Client:
     """A paho client for ``config`` (no I/O besides reading TLS files)."""
     v5 = config.protocol == "5"
-    client = mqtt.Client(
+    client = _Client(
         CallbackAPIVersion.VERSION2,
         client_id=config.effective_client_id,
         clean_session=None if v5 else not config.persistent_session,

@@ -128,7 +128,7 @@ def test_numbers_round_trip_through_their_text(x):
 
 def test_number_and_text_parsers_use_receipt_time():
     assert NumberParser().parse(b"3", RECV) == [("", 3, RECV, Quality.GOOD, 0)]
-    assert TextParser().parse("RUNNING".encode(), RECV) == [("", "RUNNING", RECV, Quality.GOOD, 0)]
+    assert TextParser().parse(b"RUNNING", RECV) == [("", "RUNNING", RECV, Quality.GOOD, 0)]
     with pytest.raises(PayloadError, match="UTF-8"):
         TextParser().parse(b"\xff", RECV)
 
