@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import time
@@ -187,10 +188,8 @@ def _serve(config: SimConfig, duration: float | None) -> None:
                 click.echo(f"  {name:7} {where}")
             click.echo("ready", err=True)
             sys.stdout.flush()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=duration)
-            except TimeoutError:
-                pass
             s = sim.stats
             click.echo(
                 f"stopping: {s.updates} updates, lag p50 {s.percentile('lag', 50) * 1e3:.2f} ms, "

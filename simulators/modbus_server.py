@@ -267,6 +267,11 @@ class ModbusSimServer:
                     await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # stop() cancels connection tasks; ending normally keeps asyncio's stream callback
+            # (3.11) from logging the cancellation as an error. The task is top-level: nothing
+            # above it needs to see the CancelledError.
+            return
         finally:
             self._conns.discard(task)
             writer.close()
