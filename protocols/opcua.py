@@ -467,10 +467,10 @@ class OpcUaConnector(Connector[OpcUaConfig]):
                     "none of the configured nodes could be resolved: "
                     + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
                 )
+            if self.config.mode == "subscription":
+                await self._subscribe(client)
             async with asyncio.TaskGroup() as tg:
-                if self.config.mode == "subscription":
-                    await self._subscribe(client)
-                else:
+                if self.config.mode == "polling":
                     tg.create_task(self._poll_loop(client))
                 self._set_status(ConnectorState.CONNECTED)
                 tg.create_task(self._watch_state(client))
