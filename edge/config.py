@@ -171,7 +171,9 @@ class EventAction(ConfigModel):
 class WriteAction(ConfigModel):
     type: Literal["write"]
     connector: str = Field(..., min_length=1)
-    tag: str = Field(..., min_length=1)
+    tag: str = Field(
+        ..., min_length=1, description="template over the event, e.g. '{asset}/alarm_lamp'"
+    )
     value: bool | int | float | str
     on_clear: bool | int | float | str | None = Field(
         None, description="value written when the rule clears (e.g. reset the alarm coil)"

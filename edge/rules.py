@@ -278,7 +278,8 @@ class ActionRunner:
                 if isinstance(act, WriteAction):
                     value = act.on_clear if firing.cleared else act.value
                     conn = self.connectors[act.connector]
-                    await asyncio.wait_for(conn.write(act.tag, value), timeout=10.0)
+                    tag = render(act.tag, firing.context)  # e.g. "{asset}/alarm_lamp"
+                    await asyncio.wait_for(conn.write(tag, value), timeout=10.0)
                 elif isinstance(act, MqttAction):
                     await self._publish(act, firing)
                 elif isinstance(act, WebhookAction):
