@@ -71,6 +71,7 @@ __all__ = [
     "MqttConnector",
     "MqttLink",
     "NumberPayload",
+    "PahoClient",
     "Subscription",
     "TextPayload",
     "TlsConfig",
@@ -575,7 +576,7 @@ class MqttLink:
             self.on_message(msg)
 
 
-class _Client(mqtt.Client):
+class PahoClient(mqtt.Client):
     """paho's client, closing the TLS socket when the handshake fails (paho leaks it)."""
 
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
@@ -602,7 +603,7 @@ class _Client(mqtt.Client):
 def build_client(config: MqttConfig, *, manual_ack: bool) -> mqtt.Client:
     """A paho client for ``config`` (no I/O besides reading TLS files)."""
     v5 = config.protocol == "5"
-    client = _Client(
+    client = PahoClient(
         CallbackAPIVersion.VERSION2,
         client_id=config.effective_client_id,
         clean_session=None if v5 else not config.persistent_session,
