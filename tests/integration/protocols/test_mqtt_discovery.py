@@ -82,7 +82,7 @@ def test_discover_reports_topics_and_writes_a_config_the_connector_reads_with(
             "disc/line1/press-1/temperature",
             "temp",
             "motor.amps",
-            "RUNNING",
+            "state/oven-1",
             "blob/cam",
         ):
             assert expected in text, expected
@@ -97,7 +97,11 @@ def test_discover_reports_topics_and_writes_a_config_the_connector_reads_with(
 
         async def read_with_it():
             got = []
-            conn = MqttConnector(cfg.model_copy(update={"backoff": {"initial": 0.05, "max": 0.5}}))
+            conn = MqttConnector(
+                MqttConfig.model_validate(
+                    {**data["connectors"][0], "backoff": {"initial": 0.05, "max": 0.5}}
+                )
+            )
             conn.set_sink(got.extend)
             async with conn:
                 await wait_until(
