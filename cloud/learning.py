@@ -1,0 +1,475 @@
+"""Online learning: candidates learning side by side, the deployed champion, drift, promotion.
+
+For every joined (frame, label) each :class:`Candidate` predicts first and then learns
+(prequential evaluation). The :class:`Champion` is a frozen copy of the version the edge runs:
+it is only scored, never trained, and its errors — taken from the edge's own predictions when
+frames carry them for that version, else from the frozen copy — feed the drift detector.
+:class:`ModelLearner` ties one configured model together and pickles as a whole: that pickle is
+the learner checkpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import math
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloud.config import DriftConfig, LearnerConfig, ModelConfig, PromotionConfig, Step
+from cloud.drift import DriftDetection, DriftMonitor
+from cloud.prequential import (
+    ClassificationMetrics,
+    PrequentialMetrics,
+    RegressionMetrics,
+    RollingMean,
+)
+from shared.records import Frame, now_ns
+
+__all__ = [
+    "Candidate",
+    "Champion",
+    "ModelLearner",
+    "PromotionDecision",
+    "build_pipeline",
+    "resolve_step",
+]
+
+OTHER_ASSETS = "*other*"
+
+
+def resolve_step(step: Step) -> tuple[type, dict[str, Any]]:
+    """``"linear_model.LogisticRegression"`` or ``{name: params}`` -> (river class, params).
+
+    Only classes inside the ``river`` package are accepted (a config file cannot name arbitrary
+    code); raises ``ValueError`` naming the step and what was expected.
+    """
+    if isinstance(step, str):
+        name, params = step, {}
+    elif isinstance(step, dict) and len(step) == 1:
+        name, raw = next(iter(step.items()))
+        params = dict(raw or {})
+    else:
+        raise ValueError(f"expected 'module.Class' or {{'module.Class': {{params}}}}, got {step!r}")
+    module_name, _, cls_name = name.rpartition(".")
+    if not module_name or not cls_name or cls_name.startswith("_"):
+        raise ValueError(
+            f"expected 'module.Class' inside river (e.g. tree.HoeffdingTreeClassifier), got {name!r}"
+        )
+    try:
+        module = importlib.import_module(f"river.{module_name}")
+    except ModuleNotFoundError:
+        raise ValueError(f"river has no module {module_name!r} (step {name!r})") from None
+    cls = getattr(module, cls_name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"river.{module_name} has no class {cls_name!r}")
+    return cls, params
+
+
+def build_pipeline(steps: list[Step]) -> Any:
+    """Instantiate and chain the river estimators of ``steps`` (``a | b | c``)."""
+    pipeline: Any = None
+    for step in steps:
+        cls, params = resolve_step(step)
+        try:
+            est = cls(**params)
+        except TypeError as exc:
+            raise ValueError(f"{cls.__module__}.{cls.__name__}: {exc}") from None
+        pipeline = est if pipeline is None else pipeline | est
+    return pipeline
+
+
+def _new_metrics(task: str, window: int) -> PrequentialMetrics:
+    return ClassificationMetrics(window) if task == "classification" else RegressionMetrics(window)
+
+
+def normalise_target(task: str, target: float | int | bool) -> Any:
+    """Classes are compared by value: 1.0, 1 and True are the same class."""
+    if task == "classification":
+        if isinstance(target, float) and target.is_integer():
+            return int(target)
+        return target
+    return float(target)
+
+
+class _Scored:
+    """Prequential metrics of one model, overall and per asset, plus its promotion window."""
+
+    def __init__(self, task: str, window: int, promo_window: int, max_assets: int) -> None:
+        self.task = task
+        self.window = window
+        self.max_assets = max_assets
+        self.metrics = _new_metrics(task, window)
+        self.per_asset: dict[str, PrequentialMetrics] = {}
+        #: the primary figure (1 = right / absolute error) over the promotion window
+        self.promo = RollingMean(promo_window)
+
+    def _asset(self, asset: str) -> PrequentialMetrics:
+        m = self.per_asset.get(asset)
+        if m is None:
+            if len(self.per_asset) >= self.max_assets:
+                asset = OTHER_ASSETS
+                m = self.per_asset.get(asset)
+            if m is None:
+                m = self.per_asset[asset] = _new_metrics(self.task, self.window)
+        return m
+
+    def score(self, asset: str, y: Any, y_pred: Any, proba: dict[Any, float] | None) -> float:
+        """Record one prediction; returns the error (0/1 or absolute)."""
+        if self.task == "classification":
+            assert isinstance(self.metrics, ClassificationMetrics)
+            ok = self.metrics.update(y, y_pred, proba)
+            am = self._asset(asset)
+            assert isinstance(am, ClassificationMetrics)
+            am.update(y, y_pred, proba)
+            self.promo.update(1.0 if ok else 0.0)
+            return 0.0 if ok else 1.0
+        assert isinstance(self.metrics, RegressionMetrics)
+        pred = 0.0 if y_pred is None else y_pred
+        err = self.metrics.update(y, pred)
+        am = self._asset(asset)
+        assert isinstance(am, RegressionMetrics)
+        am.update(y, pred)
+        self.promo.update(err)
+        return err
+
+    def report(self, *, assets: bool = True) -> dict[str, Any]:
+        out = self.metrics.report()
+        if assets:
+            out["assets"] = {a: m.report() for a, m in self.per_asset.items()}
+        return out
+
+
+class Candidate(_Scored):
+    """A river pipeline that predicts, then learns, every joined sample."""
+
+    def __init__(self, spec: LearnerConfig, model: ModelConfig, promo_window: int) -> None:
+        super().__init__(model.task, model.rolling_window, promo_window, model.max_assets)
+        self.name = spec.name
+        self.steps = list(spec.pipeline)
+        self.pipeline = build_pipeline(self.steps)
+        self.n_learned = 0
+        self.features: dict[str, None] = {}
+
+    def learn(self, asset: str, x: dict[str, float], y: Any) -> float:
+        pipeline = self.pipeline
+        if self.task == "classification":
+            proba = pipeline.predict_proba_one(x)
+            y_pred = max(proba, key=proba.__getitem__) if proba else None
+            err = self.score(asset, y, y_pred, proba)
+        else:
+            err = self.score(asset, y, pipeline.predict_one(x), None)
+        pipeline.learn_one(x, y)
+        self.n_learned += 1
+        if len(x) != len(self.features) or any(k not in self.features for k in x):
+            for k in x:
+                self.features.setdefault(k)
+        return err
+
+
+class Champion(_Scored):
+    """The version deployed at the edge: a frozen pipeline, scored in the cloud and at the edge."""
+
+    def __init__(
+        self,
+        version: int,
+        learner: str,
+        pipeline: Any,
+        model: ModelConfig,
+        promo_window: int,
+        since_sample: int,
+    ) -> None:
+        super().__init__(model.task, model.rolling_window, promo_window, model.max_assets)
+        self.version = version
+        self.learner = learner
+        self.pipeline = pipeline
+        self.since_sample = since_sample
+        #: what the edge itself predicted with this version (frames carry it)
+        self.edge = _Scored(model.task, model.rolling_window, promo_window, model.max_assets)
+
+    def score_cloud(self, asset: str, x: dict[str, float], y: Any) -> float:
+        if self.pipeline is None:
+            return math.nan
+        if self.task == "classification":
+            proba = self.pipeline.predict_proba_one(x)
+            y_pred = max(proba, key=proba.__getitem__) if proba else None
+            return self.score(asset, y, y_pred, proba)
+        return self.score(asset, y, self.pipeline.predict_one(x), None)
+
+    def score_edge(self, asset: str, frame: Frame, y: Any) -> float:
+        pred: Any = frame.prediction
+        if self.task == "classification":
+            pred = normalise_target("classification", pred) if pred is not None else None
+            proba = None
+            if frame.score is not None and isinstance(y, int) and y in (0, 1):
+                p1 = min(max(float(frame.score), 0.0), 1.0)
+                proba = {1: p1, 0: 1.0 - p1}
+            return self.edge.score(asset, y, pred, proba)
+        return self.edge.score(asset, y, pred, None)
+
+    def report(self, *, assets: bool = True) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "learner": self.learner,
+            "cloud": super().report(assets=assets),
+            "edge": self.edge.report(assets=assets),
+        }
+
+
+@dataclass(slots=True)
+class PromotionDecision:
+    """The policy chose a challenger to replace the champion; what it saw is in ``evidence``."""
+
+    model: str
+    learner: str
+    reason: str  # initial | margin | drift | manual
+    evidence: dict[str, Any]
+    pipeline_blob: bytes
+    metrics: dict[str, Any]
+    features: list[str]
+    steps: list[Any]
+    ts_ns: int = field(default_factory=now_ns)
+
+
+class ModelLearner:
+    """One configured model: its candidates, its champion, its drift monitor, its policy state."""
+
+    def __init__(self, model: ModelConfig, drift: DriftConfig, promotion: PromotionConfig) -> None:
+        self.config = model
+        self.drift_config = drift
+        self.promotion = promotion
+        self.name = model.name
+        self.task = model.task
+        self.candidates = {
+            spec.name: Candidate(spec, model, promotion.window)
+            for spec in model.effective_learners()
+        }
+        self.champion: Champion | None = None
+        self.drift = DriftMonitor(drift)
+        self.samples = 0
+        #: sample count at the last promotion and at the last unanswered drift
+        self.promoted_at: int | None = None
+        self.drift_at: int | None = None
+        self.drift_pending: DriftDetection | None = None
+        self.edge_frames = 0
+        self.edge_frames_other_version = 0
+        #: a decision was handed to the service and is not installed yet
+        self.promotion_pending = False
+        #: registry id of the drift detection the next promotion answers
+        self.drift_record_id: int | None = None
+
+    def matches(self, asset: str) -> bool:
+        return any(fnmatch.fnmatchcase(asset, p) for p in self.config.assets)
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def learn(self, frame: Frame, target: float | int | bool) -> DriftDetection | None:
+        """Predict-then-learn one labelled frame with every candidate; score the champion."""
+        y = normalise_target(self.task, target)
+        x = frame.features
+        asset = frame.asset
+        self.samples += 1
+        for cand in self.candidates.values():
+            cand.learn(asset, x, y)
+        champ = self.champion
+        if champ is None:
+            return None
+        cloud_err = champ.score_cloud(asset, x, y)
+        edge_err: float | None = None
+        if frame.prediction is not None and frame.model_version is not None:
+            if frame.model_version == champ.version:
+                self.edge_frames += 1
+                edge_err = champ.score_edge(asset, frame, y)
+            else:
+                self.edge_frames_other_version += 1
+        if not self.drift_config.enabled:
+            return None
+        src = self.drift_config.source
+        if src == "edge" or (src == "auto" and edge_err is not None):
+            if edge_err is None:
+                return None
+            err, source = edge_err, "edge"
+        else:
+            if math.isnan(cloud_err):
+                return None
+            err, source = cloud_err, "cloud"
+        if self.drift.update(err):
+            scored = champ.edge if source == "edge" else champ
+            det = DriftDetection(
+                model=self.name,
+                version=champ.version,
+                source=source,
+                detector=self.drift_config.detector,
+                samples=self.drift.seen,
+                ts_ns=now_ns(),
+                evidence={
+                    "rolling": scored.metrics.rolling(),
+                    "overall": scored.metrics.overall(),
+                    "sample": self.samples,
+                },
+            )
+            self.drift_at = self.samples
+            self.drift_pending = det
+            return det
+        return None
+
+    # -- the promotion policy --------------------------------------------------------------
+
+    def challenger(self) -> Candidate | None:
+        """The candidate with the best primary figure over the promotion window."""
+        best: Candidate | None = None
+        best_val = 0.0
+        higher = self.task == "classification"
+        for cand in self.candidates.values():
+            val = cand.promo.get()
+            if val is None:
+                continue
+            if best is None or (val > best_val if higher else val < best_val):
+                best, best_val = cand, val
+        return best
+
+    def champion_figure(self) -> tuple[float | None, str, int]:
+        """The champion's primary figure over the promotion window: edge when it has a full
+        window of its own predictions, else the frozen replica's. (value, source, samples)."""
+        champ = self.champion
+        if champ is None:
+            return None, "none", 0
+        if champ.edge.promo.full:
+            return champ.edge.promo.get(), "edge", len(champ.edge.promo)
+        return champ.promo.get(), "cloud", len(champ.promo)
+
+    def evaluate_promotion(self) -> PromotionDecision | None:
+        """Apply the policy now (cheap: called after every sample); a decision is returned,
+        not applied — the service registers it and then calls :meth:`install_champion`."""
+        policy = self.promotion
+        if not policy.enabled or self.promotion_pending:
+            return None
+        champ = self.champion
+        if champ is None:
+            # the first champion: the best candidate once it has learned enough
+            if self.samples < policy.min_samples:
+                return None
+            chal = self.challenger()
+            if chal is None or chal.n_learned < policy.min_samples:
+                return None
+            return self._decide(chal, "initial", self._evidence(chal))
+        if self.drift_at is not None:
+            if self.samples - self.drift_at < policy.min_samples_after_drift:
+                return None
+            chal = self.challenger()
+            if chal is None:
+                return None
+            return self._decide(chal, "drift", self._evidence(chal))
+        if (
+            self.promoted_at is not None
+            and self.samples - self.promoted_at < policy.cooldown_samples
+        ):
+            return None
+        champ_val, _, champ_n = self.champion_figure()
+        if champ_val is None or champ_n < policy.window:
+            return None
+        chal = self.challenger()
+        if chal is None or not chal.promo.full:
+            return None
+        chal_val = chal.promo.get()
+        assert chal_val is not None
+        gain = chal_val - champ_val if self.task == "classification" else champ_val - chal_val
+        if gain > 0 and gain >= policy.margin:
+            return self._decide(chal, "margin", self._evidence(chal))
+        return None
+
+    def _evidence(self, chal: Candidate) -> dict[str, Any]:
+        policy = self.promotion
+        chal_val = chal.promo.get()
+        evidence: dict[str, Any] = {
+            "challenger": chal.name,
+            "metric": chal.metrics.primary,
+            "higher_is_better": chal.metrics.higher_is_better,
+            "challenger_window_value": chal_val,
+            "challenger_samples": chal.n_learned,
+            "window": policy.window,
+            "margin": policy.margin,
+            "sample": self.samples,
+            "candidates": {
+                c.name: {"window_value": c.promo.get(), "n_learned": c.n_learned}
+                for c in self.candidates.values()
+            },
+        }
+        if self.champion is not None:
+            champ_val, source, champ_n = self.champion_figure()
+            evidence.update(
+                champion_version=self.champion.version,
+                champion_window_value=champ_val,
+                champion_source=source,
+                champion_samples=champ_n,
+            )
+            if champ_val is not None and chal_val is not None:
+                evidence["gain"] = (
+                    chal_val - champ_val if self.task == "classification" else champ_val - chal_val
+                )
+        if self.drift_pending is not None and self.drift_at is not None:
+            evidence["drift"] = {
+                "detector": self.drift_pending.detector,
+                "source": self.drift_pending.source,
+                "at_sample": self.drift_at,
+                "samples_since": self.samples - self.drift_at,
+                "ts_ns": self.drift_pending.ts_ns,
+                "evidence": self.drift_pending.evidence,
+            }
+        return evidence
+
+    def _decide(self, chal: Candidate, reason: str, evidence: dict[str, Any]) -> PromotionDecision:
+        return PromotionDecision(
+            model=self.name,
+            learner=chal.name,
+            reason=reason,
+            evidence=evidence,
+            pipeline_blob=pickle.dumps(chal.pipeline),
+            metrics=chal.report(assets=False),
+            features=list(chal.features),
+            steps=list(chal.steps),
+        )
+
+    def snapshot(self, learner: str) -> PromotionDecision:
+        """A manual promotion of the named candidate's current state."""
+        cand = self.candidates.get(learner)
+        if cand is None:
+            raise KeyError(
+                f"model {self.name!r} has no learner {learner!r}; have {sorted(self.candidates)}"
+            )
+        return self._decide(cand, "manual", self._evidence(cand))
+
+    def install_champion(self, version: int, learner: str, pipeline_blob: bytes | None) -> None:
+        """Make ``version`` the deployed model: fresh scoring, fresh drift detector."""
+        pipeline = pickle.loads(pipeline_blob) if pipeline_blob else None  # noqa: S301 - our own DB
+        self.champion = Champion(
+            version, learner, pipeline, self.config, self.promotion.window, self.samples
+        )
+        self.drift.reset()
+        self.drift_at = None
+        self.drift_pending = None
+        self.promoted_at = self.samples
+        self.promotion_pending = False
+
+    def report(self) -> dict[str, Any]:
+        chal = self.challenger()
+        return {
+            "name": self.name,
+            "task": self.task,
+            "samples": self.samples,
+            "challenger": None if chal is None else chal.name,
+            "champion": None if self.champion is None else self.champion.report(),
+            "candidates": {
+                c.name: {"n_learned": c.n_learned, "steps": c.steps, **c.report()}
+                for c in self.candidates.values()
+            },
+            "drift": {
+                "detector": self.drift_config.detector,
+                "detections": self.drift.detections,
+                "pending": self.drift_pending is not None,
+                "seen": self.drift.seen,
+            },
+            "edge_frames": self.edge_frames,
+            "edge_frames_other_version": self.edge_frames_other_version,
+        }
