@@ -67,6 +67,8 @@ class Agent:
         )
         self.outbox = Outbox(
             config.outbox_path(),
+            agent_id=config.agent_id,
+            batch_size=config.uplink.batch_size,
             max_bytes=config.outbox.max_bytes,
             overflow=config.outbox.overflow,
             synchronous=config.outbox.synchronous,
@@ -130,7 +132,7 @@ class Agent:
             len(self.config.rules),
             self.slot.versions or self.slot.error or "none",
             self.outbox.path,
-            self.outbox.rows,
+            self.outbox.records,
         )
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
@@ -149,7 +151,7 @@ class Agent:
                 await task
         self._tasks = []
         with contextlib.suppress(OutboxError):
-            if self.outbox._executor is not None:
+            if self.outbox.is_open:
                 await self._tick()  # commit what the connectors delivered before they stopped
         await self.actions.stop()
         await self.uplink.stop(flush_timeout=flush_timeout)
@@ -157,7 +159,7 @@ class Agent:
         if self.http is not None:
             await self.http.stop()
         log.info(
-            "agent %s stopped (%d records left in the outbox)", self.agent_id, self.outbox.rows
+            "agent %s stopped (%d records left in the outbox)", self.agent_id, self.outbox.records
         )
 
     async def __aenter__(self) -> Self:
@@ -300,7 +302,7 @@ class Agent:
         while True:
             try:
                 stats = await self.outbox.stats()
-                self.metrics.outbox_rows.set(stats.rows)
+                self.metrics.outbox_rows.set(stats.records)
                 self.metrics.outbox_bytes.set(stats.nbytes)
                 age = (
                     0.0 if stats.oldest_ns is None else max(0.0, (now_ns() - stats.oldest_ns) / 1e9)
@@ -314,7 +316,7 @@ class Agent:
                         self.agent_id,
                         now_ns(),
                         self.slot.versions,
-                        stats.rows,
+                        stats.records,
                         stats.nbytes,
                         "degraded" if reasons else "ok",
                         {
@@ -356,7 +358,7 @@ class Agent:
             else {"name": m.manifest.name, "version": m.version, "features": list(m.features)},
             "model_error": self.slot.error,
             "outbox": {
-                "rows": self.outbox.rows,
+                "rows": self.outbox.records,
                 "bytes": self.outbox.nbytes,
                 "next_seq": self.outbox.next_seq,
                 "dropped": {k.name.lower(): v for k, v in self.outbox.dropped.items()},

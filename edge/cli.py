@@ -126,7 +126,7 @@ def outbox_cmd(config_path: Path) -> None:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         rows = db.execute(
-            "SELECT kind, COUNT(*), SUM(LENGTH(payload)), SUM(seq IS NOT NULL) FROM rows "
+            "SELECT kind, SUM(n), SUM(LENGTH(payload)), COUNT(*), MIN(seq) FROM batches "
             "GROUP BY kind"
         ).fetchall()
         seq = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()

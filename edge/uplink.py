@@ -1,8 +1,7 @@
 """The uplink: outbox -> Kafka, at least once, with numbered batches the cloud deduplicates.
 
-Each round claims up to ``max_in_flight`` batches from the outbox (batches claimed earlier and
-not yet acknowledged come first, with their original ``batch_seq``), encodes them with the wire
-codec, sends them (key = asset, topic per kind) with ``acks="all"``, waits for every ack, and
+Each round takes up to ``max_in_flight`` of the oldest batches from the outbox (sealed,
+numbered and encoded when they were appended, so a resend is byte for byte the same), sends them (key = asset, topic per kind) with ``acks="all"``, waits for every ack, and
 deletes exactly the acknowledged batches from the outbox. A failed round closes the producer and
 tries again after a capped exponential backoff (``initial`` doubling to ``max``, forever): the
 cloud being away for hours costs outbox space, never data, until the overflow policy says so.
@@ -18,7 +17,6 @@ import contextlib
 import logging
 import random
 import ssl
-import time
 from types import TracebackType
 from typing import Any, Self
 
@@ -28,7 +26,6 @@ from edge.config import UplinkConfig
 from edge.metrics import EdgeMetrics
 from edge.outbox import ClaimedBatch, Outbox
 from shared.topics import Topics
-from shared.wire import Batch, encode_batch
 
 __all__ = ["Uplink"]
 
@@ -162,18 +159,14 @@ class Uplink:
                     await asyncio.wait_for(self._wake.wait(), 0.5)
 
     async def _round(self) -> int:
-        batches = await self.outbox.claim(
-            after_seq=0, max_batches=self.cfg.max_in_flight, batch_size=self.cfg.batch_size
-        )
+        batches = await self.outbox.claim(after_seq=0, max_batches=self.cfg.max_in_flight)
         if not batches:
             return 0
         producer = await self._ensure_producer()
         futures = []
-        now = time.time_ns()
         for b in batches:
-            value = encode_batch(Batch(self.agent_id, b.seq, b.kind, b.records, now))
             fut = await producer.send(
-                self.topics.for_kind(b.kind), value=value, key=b.asset.encode()
+                self.topics.for_kind(b.kind), value=b.payload, key=b.asset.encode()
             )
             futures.append(fut)
         timeout = self.cfg.request_timeout_ms / 1000 * 2 + 5
@@ -184,8 +177,8 @@ class Uplink:
         if ok:
             await self.outbox.ack([b.seq for b in ok])
             for b in ok:
-                self.metrics.uplink(b.kind.name.lower(), len(b.records))
-                self.acked_records += len(b.records)
+                self.metrics.uplink(b.kind.name.lower(), b.n)
+                self.acked_records += b.n
             self.acked_batches += len(ok)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:

@@ -19,8 +19,9 @@ from shared.wire import Batch, decode_batch
 class Collector:
     """Consumes every uplink topic from the beginning; keeps each (agent_id, batch_seq) once."""
 
-    def __init__(self, bootstrap: str, prefix: str = "edgeloop") -> None:
+    def __init__(self, bootstrap: str, agent_id: str, prefix: str = "edgeloop") -> None:
         self.bootstrap = bootstrap
+        self.agent_id = agent_id  # batches of other agents (a shared broker) are ignored
         self.topics = Topics(prefix)
         self.batches: dict[tuple[str, int], Batch] = {}
         self.deliveries = 0
@@ -68,6 +69,8 @@ class Collector:
                     self.add(decode_batch(msg.value), msg.key)
 
     def add(self, batch: Batch, key: bytes | None = None) -> None:
+        if batch.agent_id != self.agent_id:
+            return
         self.deliveries += 1
         ident = (batch.agent_id, batch.batch_seq)
         seen = self.batches.get(ident)

@@ -59,7 +59,7 @@ async def test_readings_scored_frames_and_events_reach_kafka(tmp_path, kafka_bro
     broker = kafka_broker_factory()
     path, mpath, sk = export(tmp_path)
     cfg = config(tmp_path, broker.bootstrap, model={"path": str(path), "manifest": str(mpath)})
-    async with Collector(broker.bootstrap) as col, Agent(cfg) as agent:
+    async with Collector(broker.bootstrap, "gw-test") as col, Agent(cfg) as agent:
         await wait_until(
             lambda: len(col.frames) >= 6 and len(col.events) >= 2 and len(col.readings) > 200,
             30,

@@ -60,7 +60,7 @@ async def test_kafka_down_30s_under_load_loses_nothing(tmp_path, kafka_broker_fa
     broker = kafka_broker_factory()
     cfg = EdgeConfig.model_validate(doc(tmp_path, broker.bootstrap, "gw-outage"))
     agent = Agent(cfg)
-    col = Collector(broker.bootstrap)
+    col = Collector(broker.bootstrap, "gw-outage")
     await col.start()
     try:
         await agent.start()
@@ -79,15 +79,15 @@ async def test_kafka_down_30s_under_load_loses_nothing(tmp_path, kafka_broker_fa
         accepted_at_outage = agent.accepted_readings
         await asyncio.sleep(30)  # the outage itself, under load
         assert agent.accepted_readings - accepted_at_outage > 50_000
-        assert agent.outbox.rows > 50_000 and agent.uplink.last_error is not None
+        assert agent.outbox.records > 50_000 and agent.uplink.last_error is not None
         assert agent.health()["status"] == "degraded"
         broker.start()  # same port, empty
-        col = Collector(broker.bootstrap)
+        col = Collector(broker.bootstrap, "gw-outage")
         col.batches.update(before)
         await col.start()
-        await wait_until(lambda: agent.outbox.rows < 5000, 40, "the backlog to drain")
+        await wait_until(lambda: agent.outbox.records < 5000, 40, "the backlog to drain")
         await agent.stop(flush_timeout=10)
-        assert agent.outbox.rows == 0
+        assert agent.outbox.records == 0
         last_seq = agent.outbox.next_seq - 1
         await wait_until(lambda: len(col.seqs("gw-outage")) == last_seq, 30, "every batch")
     finally:
@@ -109,7 +109,7 @@ def _spawn(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
 def _outbox(path: Path) -> tuple[int, int]:
     db = sqlite3.connect(path)
     try:
-        (rows,) = db.execute("SELECT COUNT(*) FROM rows").fetchone()
+        (rows,) = db.execute("SELECT COUNT(*) FROM batches").fetchone()
         (nxt,) = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
     finally:
         db.close()
@@ -124,7 +124,7 @@ async def test_agent_sigkilled_under_load_and_restarted_loses_nothing(
     log = tmp_path / "agent.log"
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        async with Collector(broker.bootstrap) as col:
+        async with Collector(broker.bootstrap, "gw-kill") as col:
             procs.append(_spawn(cfg, log))
             await wait_until(lambda: len(col.readings) > 10_000, 40, "readings from the agent")
             os.kill(procs[0].pid, signal.SIGKILL)

@@ -84,7 +84,10 @@ async def test_simulator_through_agent_into_kafka_with_write_back(
     sub = Subscriber(mqtt_broker, "alarms/#")
     try:
         assert sub.ready.wait(10)
-        async with factory.FactorySimulator(sim_cfg) as sim, Collector(kafka_broker) as col:
+        async with (
+            factory.FactorySimulator(sim_cfg) as sim,
+            Collector(kafka_broker, "gw-sim") as col,
+        ):
             host, port = sim.modbus_address
             cfg = EdgeConfig.model_validate(
                 {
