@@ -360,6 +360,15 @@ class ModelLearner:
             chal = self.challenger()
             if chal is None:
                 return None
+            # a false alarm must not replace a champion that still does better
+            champ_val, _, _ = self.champion_figure()
+            chal_val = chal.promo.get()
+            if champ_val is not None and chal_val is not None:
+                gain = (
+                    chal_val - champ_val if self.task == "classification" else champ_val - chal_val
+                )
+                if gain <= 0:
+                    return None
             return self._decide(chal, "drift", self._evidence(chal))
         if (
             self.promoted_at is not None

@@ -410,7 +410,15 @@ class CloudService:
             stats.dedupe_dropped[topic] = stats.dedupe_dropped.get(topic, 0) + 1
             self.metrics.dedupe_drops.labels(topic).inc()
             return []
-        notices = self._apply_batch(batch)
+        notices: list[Any] = []
+        try:
+            self._apply_batch(batch, notices)
+        except Exception as exc:
+            # part of it may be applied: marked as seen all the same, so never applied twice
+            self.seqs.mark(key, batch.batch_seq)
+            log.exception("applying batch %s#%d failed", batch.agent_id, batch.batch_seq)
+            self._poison(topic, partition, f"batch {batch.agent_id}#{batch.batch_seq}: {exc!r}")
+            return notices
         self.seqs.mark(key, batch.batch_seq)
         n = len(batch.records)
         stats.records[topic] = stats.records.get(topic, 0) + n
@@ -424,8 +432,7 @@ class CloudService:
         log.warning("skipping an undecodable message on %s[%d]: %s", topic, partition, why)
         return []
 
-    def _apply_batch(self, batch: Batch) -> list[Any]:
-        notices: list[Any] = []
+    def _apply_batch(self, batch: Batch, notices: list[Any]) -> None:
         kind = batch.kind
         if kind is Kind.FRAME:
             add_frame = self.join.add_frame
@@ -454,7 +461,6 @@ class CloudService:
                 assert isinstance(rec, Event)
                 self._events.append((batch.agent_id, rec))
         # readings: counted; the cloud keeps no telemetry store of its own
-        return notices
 
     def _learn(self, frame: Frame, label: Label, notices: list[Any]) -> None:
         learners = self._by_asset.get(frame.asset)
@@ -475,7 +481,10 @@ class CloudService:
     async def _handle(self, notices: list[Any]) -> None:
         for notice in notices:
             if isinstance(notice, DriftDetection):
-                await self._record_drift(notice)
+                try:
+                    await self._record_drift(notice)
+                except Exception:
+                    log.exception("recording the drift of %s failed", notice.model)
             elif isinstance(notice, PromotionDecision):
                 try:
                     await self.apply_decision(notice, actor="policy")
