@@ -247,6 +247,34 @@ class ModbusConfig(ConnectorConfig):
         return self
 
 
+# --- readings on the hot path ------------------------------------------------------------
+
+_new = object.__new__
+_set_asset, _set_tag, _set_ts, _set_value, _set_quality, _set_status = (
+    Reading.__dict__[name].__set__
+    for name in ("asset", "tag", "ts_ns", "value", "quality", "status")
+)
+_GOOD = Quality.GOOD
+
+
+def _good(asset: str, tag: str, ts_ns: int, value: bool | int | float | str) -> Reading:
+    """A good-quality :class:`Reading` built without re-running its field checks.
+
+    Every field is valid by construction: asset and tag are non-empty strings checked by the
+    config, ``ts_ns`` comes from ``time.time_ns()``, the value from the codec. Validating again
+    cost 4x the time of a 100-register poll's decoding (see bench/bench_modbus.py); the result is
+    an ordinary ``Reading`` (equal and hash-equal to a validated one; the tests check it).
+    """
+    r: Reading = _new(Reading)
+    _set_asset(r, asset)
+    _set_tag(r, tag)
+    _set_ts(r, ts_ns)
+    _set_value(r, value)
+    _set_quality(r, _GOOD)
+    _set_status(r, 0)
+    return r
+
+
 # --- the request queue ---------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -285,7 +313,13 @@ class RequestQueue:
 
     async def serve(self) -> None:
         """Run requests until cancelled (the connection's single worker)."""
+        me = asyncio.current_task()
+        assert me is not None
         while True:
+            # Python 3.11's asyncio.wait_for (inside pymodbus) can swallow a cancellation that
+            # races with the response arriving; the request stays marked, so honour it here.
+            if me.cancelling():
+                raise asyncio.CancelledError
             job = await self._queue.get()
             if job.future.done():  # its submitter was cancelled while it waited
                 continue
@@ -637,7 +671,7 @@ class ModbusConnector(Connector[ModbusConfig]):
     def _decode_block(self, block: _Block, response: ModbusPDU, now: int) -> list[Reading]:
         if block.read.table in BIT_TABLES:
             bits = response.bits
-            return [Reading(pt.asset, pt.tag, now, bool(bits[i])) for pt, i in block.points]
+            return [_good(pt.asset, pt.tag, now, bool(bits[i])) for pt, i in block.points]
         regs = response.registers
         if len(regs) < block.read.count:
             self._malformed(f"short response: {len(regs)} of {block.read.count} registers")
@@ -648,7 +682,7 @@ class ModbusConnector(Connector[ModbusConfig]):
         out: list[Reading] = []
         for pt, i in block.points:
             try:
-                out.append(Reading(pt.asset, pt.tag, now, pt.decode(regs, i)))
+                out.append(_good(pt.asset, pt.tag, now, pt.decode(regs, i)))
             except DecodeError as exc:
                 self._malformed(f"{pt.asset}/{pt.tag}: {exc}")
                 out.append(Reading(pt.asset, pt.tag, now, None, Quality.BAD, STATUS_DECODE_ERROR))

@@ -111,6 +111,10 @@ async def test_every_type_and_table_decodes_to_the_device_values(server):
     assert (v["coil0"], v["coil1"], v["di1"]) == (True, False, True)
     assert v["pressure"] == 1004
     assert all(r.status == 0 and r.ts_ns > 0 for r in sink.readings)
+    # readings built on the hot path without re-validation pass validation and compare equal
+    for r in sink.readings:
+        again = Reading(r.asset, r.tag, r.ts_ns, r.value, r.quality, r.status)
+        assert again == r and hash(again) == hash(r) and type(r) is Reading
 
 
 async def test_coalescing_reads_300_registers_in_three_requests():
