@@ -102,3 +102,16 @@ async def test_writes_are_checked_before_anything_is_sent():
         await conn.write("press-3/speed", 5000.0)
     with pytest.raises(WriteError, match="not connected"):
         await conn.write("speed", 12.5)
+
+
+def test_the_documented_sample_config_is_valid():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).parents[3] / "docs/connectors/modbus.md").read_text()
+    sample = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    cfg = ModbusConfig.model_validate(sample[0])
+    assert cfg.devices[0].word_order == "little"
+    assert len(ModbusConnector(cfg).read_plan[1]) == 7
