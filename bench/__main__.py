@@ -28,19 +28,21 @@ def main(argv: list[str]) -> int:
         names = [n for n in names if n in wanted]
     results: list[Result] = []
     failed: list[str] = []
+    out = Path("bench/results")
+    out.mkdir(parents=True, exist_ok=True)
     for name in names:
         t0 = time.perf_counter()
         print(f"== {name} ...", file=sys.stderr, flush=True)
         try:
-            results.extend(importlib.import_module(f"bench.{name}").run())
+            mine = importlib.import_module(f"bench.{name}").run()
+            results.extend(mine)
+            # one file per benchmark, so running a subset never erases the others' figures
+            (out / f"{name}.json").write_text(json.dumps([asdict(r) for r in mine], indent=2))
         except Exception:
             traceback.print_exc()
             failed.append(name)
         print(f"   {name} took {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     print(format_table(results))
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
         return 1
