@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 OTHER_ASSETS = "*other*"
+#: samples queued before the overall / rolling / per-asset metrics are folded
+_FOLD = 256
 
 
 def resolve_step(step: Step) -> tuple[type, dict[str, Any]]:
@@ -94,44 +96,83 @@ def normalise_target(task: str, target: float | int | bool) -> Any:
 
 
 class _Scored:
-    """Prequential metrics of one model, overall and per asset, plus its promotion window."""
+    """Prequential metrics of one model, overall and per asset, plus its promotion window.
+
+    The promotion window is updated with every sample (the policy reads it after each one);
+    the overall, rolling and per-asset figures are folded in batches: a sample's row of additive
+    terms is computed once and queued, and the queue is folded (C-level sums, deque extends)
+    every ``_FOLD`` samples and before anything reads :attr:`metrics` or :attr:`per_asset`.
+    """
 
     def __init__(self, task: str, window: int, promo_window: int, max_assets: int) -> None:
         self.task = task
         self.window = window
         self.max_assets = max_assets
-        self.metrics = _new_metrics(task, window)
-        self.per_asset: dict[str, PrequentialMetrics] = {}
+        self._metrics = _new_metrics(task, window)
+        self._per_asset: dict[str, PrequentialMetrics] = {}
+        self._pending_assets: list[str] = []
+        self._pending_rows: list[tuple[float, ...]] = []
         #: the primary figure (1 = right / absolute error) over the promotion window
         self.promo = RollingMean(promo_window)
 
+    @property
+    def metrics(self) -> PrequentialMetrics:
+        if self._pending_rows:
+            self._fold()
+        return self._metrics
+
+    @property
+    def per_asset(self) -> dict[str, PrequentialMetrics]:
+        if self._pending_rows:
+            self._fold()
+        return self._per_asset
+
     def _asset(self, asset: str) -> PrequentialMetrics:
-        m = self.per_asset.get(asset)
+        m = self._per_asset.get(asset)
         if m is None:
-            if len(self.per_asset) >= self.max_assets:
+            if len(self._per_asset) >= self.max_assets:
                 asset = OTHER_ASSETS
-                m = self.per_asset.get(asset)
+                m = self._per_asset.get(asset)
             if m is None:
-                m = self.per_asset[asset] = _new_metrics(self.task, self.window)
+                m = self._per_asset[asset] = _new_metrics(self.task, self.window)
         return m
+
+    def _fold(self) -> None:
+        rows, assets = self._pending_rows, self._pending_assets
+        self._pending_rows, self._pending_assets = [], []
+        self._metrics.extend(rows)
+        first = assets[0]
+        if assets.count(first) == len(assets):  # the usual case: one batch, one asset
+            self._asset(first).extend(rows)
+            return
+        by_asset: dict[str, list[tuple[float, ...]]] = {}
+        for asset, row in zip(assets, rows, strict=True):
+            group = by_asset.get(asset)
+            if group is None:
+                by_asset[asset] = [row]
+            else:
+                group.append(row)
+        for asset, group in by_asset.items():
+            self._asset(asset).extend(group)
 
     def score(self, asset: str, y: Any, y_pred: Any, proba: dict[Any, float] | None) -> float:
         """Record one prediction; returns the error (0/1 or absolute)."""
+        metrics = self._metrics
         if self.task == "classification":
-            assert isinstance(self.metrics, ClassificationMetrics)
-            ok = self.metrics.update(y, y_pred, proba)
-            am = self._asset(asset)
-            assert isinstance(am, ClassificationMetrics)
-            am.update(y, y_pred, proba)
-            self.promo.update(1.0 if ok else 0.0)
-            return 0.0 if ok else 1.0
-        assert isinstance(self.metrics, RegressionMetrics)
-        pred = 0.0 if y_pred is None else y_pred
-        err = self.metrics.update(y, pred)
-        am = self._asset(asset)
-        assert isinstance(am, RegressionMetrics)
-        am.update(y, pred)
-        self.promo.update(err)
+            assert isinstance(metrics, ClassificationMetrics)
+            row: tuple[float, ...] = metrics.row(y, y_pred, proba)
+            err = 1.0 - row[0]
+            self.promo.update(row[0])
+        else:
+            assert isinstance(metrics, RegressionMetrics)
+            row = metrics.row(y, 0.0 if y_pred is None else y_pred)
+            err = row[0]
+            self.promo.update(err)
+        rows = self._pending_rows
+        rows.append(row)
+        self._pending_assets.append(asset)
+        if len(rows) >= _FOLD:
+            self._fold()
         return err
 
     def report(self, *, assets: bool = True) -> dict[str, Any]:
@@ -139,6 +180,19 @@ class _Scored:
         if assets:
             out["assets"] = {a: m.report() for a, m in self.per_asset.items()}
         return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._pending_rows:
+            self._fold()
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "metrics" in state:  # a checkpoint from before batched folding
+            state["_metrics"] = state.pop("metrics")
+            state["_per_asset"] = state.pop("per_asset")
+        state.setdefault("_pending_rows", [])
+        state.setdefault("_pending_assets", [])
+        self.__dict__.update(state)
 
 
 class Candidate(_Scored):
@@ -162,9 +216,10 @@ class Candidate(_Scored):
             err = self.score(asset, y, pipeline.predict_one(x), None)
         pipeline.learn_one(x, y)
         self.n_learned += 1
-        if len(x) != len(self.features) or any(k not in self.features for k in x):
+        features = self.features
+        if not features.keys() >= x.keys():
             for k in x:
-                self.features.setdefault(k)
+                features.setdefault(k)
         return err
 
 
@@ -275,7 +330,6 @@ class ModelLearner:
         champ = self.champion
         if champ is None:
             return None
-        cloud_err = champ.score_cloud(asset, x, y)
         edge_err: float | None = None
         if frame.prediction is not None and frame.model_version is not None:
             if frame.model_version == champ.version:
@@ -283,9 +337,15 @@ class ModelLearner:
                 edge_err = champ.score_edge(asset, frame, y)
             else:
                 self.edge_frames_other_version += 1
+        src = self.drift_config.source
+        # the frozen copy is scored where the edge did not score this version itself (the edge
+        # runs the same model, so scoring it twice is only work), and always for drift.source
+        # "cloud"; each sample is therefore scored for the champion at least once
+        cloud_err = math.nan
+        if edge_err is None or src == "cloud":
+            cloud_err = champ.score_cloud(asset, x, y)
         if not self.drift_config.enabled:
             return None
-        src = self.drift_config.source
         if src == "edge" or (src == "auto" and edge_err is not None):
             if edge_err is None:
                 return None

@@ -1,8 +1,8 @@
 """Prequential (test-then-train) metrics, overall and over a rolling window.
 
-Written for the learning hot path: one ``update`` per labelled sample does a handful of float
-operations and a deque append, and the rolling sums are kept incrementally (no re-scan, no
-``revert``). Classification: accuracy, F1 of the positive class, log loss. Regression: MAE, RMSE.
+Written for the learning hot path: one sample costs a handful of float operations and a deque
+append; the rolling window is summed only when it is read (no ``revert``, no drift of running
+sums). Classification: accuracy, F1 of the positive class, log loss. Regression: MAE, RMSE.
 Everything here pickles, so metric state survives a restart inside the learner checkpoint.
 """
 
@@ -15,6 +15,9 @@ from typing import Any
 __all__ = ["ClassificationMetrics", "PrequentialMetrics", "RegressionMetrics", "RollingMean"]
 
 _EPS = 1e-15
+_ONE_MINUS_EPS = 1.0 - _EPS
+_LOGLOSS_RIGHT = -math.log(_ONE_MINUS_EPS)
+_LOGLOSS_WRONG = -math.log(_EPS)
 
 
 class RollingMean:
@@ -49,21 +52,22 @@ class RollingMean:
 
 
 class _Sums:
-    """Additive sums of one metric family (so a window is overall minus what fell out of it)."""
+    """Kept so checkpoints written before the lazy rolling window still load."""
 
     __slots__ = ("v",)
 
     def __init__(self, width: int) -> None:
         self.v = [0.0] * width
 
-    def add(self, row: tuple[float, ...], sign: float = 1.0) -> None:
-        v = self.v
-        for i, x in enumerate(row):
-            v[i] += sign * x
-
 
 class PrequentialMetrics:
-    """Overall and rolling figures of one model's predictions; subclasses say which."""
+    """Overall and rolling figures of one model's predictions; subclasses say which.
+
+    A sample is first turned into a ``row`` of additive terms (once, even when it is pushed into
+    several metric sets, e.g. the model's and its asset's), then :meth:`push`-ed: the overall
+    sums grow by the row and the row goes into a bounded deque. The rolling figures are summed
+    from that deque when read (reports, snapshots, evidence: rare), not on every sample.
+    """
 
     width = 0
     primary = ""
@@ -72,26 +76,37 @@ class PrequentialMetrics:
     def __init__(self, window: int) -> None:
         self.window = window
         self.n = 0
-        self._overall = _Sums(self.width)
-        self._rolling = _Sums(self.width)
-        self._rows: deque[tuple[float, ...]] = deque()
+        self._overall = [0.0] * self.width
+        self._rows: deque[tuple[float, ...]] = deque(maxlen=window)
 
-    def _push(self, row: tuple[float, ...]) -> None:
+    def push(self, row: tuple[float, ...]) -> None:
         self.n += 1
-        self._overall.add(row)
-        self._rolling.add(row)
+        o = self._overall
+        for i, x in enumerate(row):
+            o[i] += x
         self._rows.append(row)
-        if len(self._rows) > self.window:
-            self._rolling.add(self._rows.popleft(), -1.0)
+
+    def extend(self, rows: list[tuple[float, ...]]) -> None:
+        """:meth:`push` every row, in order (sums per column in C)."""
+        if not rows:
+            return
+        self.n += len(rows)
+        o = self._overall
+        for i, col in enumerate(zip(*rows, strict=True)):
+            o[i] += math.fsum(col)
+        self._rows.extend(rows)
 
     def _figures(self, sums: list[float], n: int) -> dict[str, float]:
         raise NotImplementedError
 
     def overall(self) -> dict[str, float]:
-        return self._figures(self._overall.v, self.n) if self.n else {}
+        return self._figures(self._overall, self.n) if self.n else {}
 
     def rolling(self) -> dict[str, float]:
-        return self._figures(self._rolling.v, len(self._rows)) if self._rows else {}
+        rows = self._rows
+        if not rows:
+            return {}
+        return self._figures([math.fsum(col) for col in zip(*rows, strict=True)], len(rows))
 
     def report(self) -> dict[str, Any]:
         return {
@@ -100,6 +115,14 @@ class PrequentialMetrics:
             "rolling": self.rolling(),
             "window": self.window,
         }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        overall = state.get("_overall")
+        if isinstance(overall, _Sums):  # a checkpoint from before the lazy rolling window
+            state["_overall"] = list(overall.v)
+            state.pop("_rolling", None)
+        state["_rows"] = deque(state.get("_rows", ()), maxlen=state["window"])
+        self.__dict__.update(state)
 
 
 class ClassificationMetrics(PrequentialMetrics):
@@ -114,26 +137,42 @@ class ClassificationMetrics(PrequentialMetrics):
         super().__init__(window)
         self.positive = positive
 
-    def update(self, y_true: object, y_pred: object, proba: dict[Any, float] | None) -> bool:
-        """Record one sample; returns whether the prediction was right."""
+    def row(
+        self, y_true: object, y_pred: object, proba: dict[Any, float] | None
+    ) -> tuple[float, float, float, float, float]:
+        """The additive terms of one sample; ``row[0]`` is 1.0 when the prediction was right."""
         correct = y_pred == y_true
         if proba:
             p = proba.get(y_true, 0.0)
-            logloss = -math.log(min(max(p, _EPS), 1.0 - _EPS))
+            logloss = -math.log(min(max(p, _EPS), _ONE_MINUS_EPS))
         else:
-            logloss = -math.log(1.0 - _EPS) if correct else -math.log(_EPS)
+            logloss = _LOGLOSS_RIGHT if correct else _LOGLOSS_WRONG
         pos = self.positive
-        t_pos, p_pos = y_true == pos, y_pred == pos
-        self._push(
-            (
-                1.0 if correct else 0.0,
-                logloss,
-                1.0 if t_pos and p_pos else 0.0,
-                1.0 if p_pos and not t_pos else 0.0,
-                1.0 if t_pos and not p_pos else 0.0,
-            )
+        t_pos = y_true == pos
+        p_pos = y_pred == pos
+        return (
+            1.0 if correct else 0.0,
+            logloss,
+            1.0 if t_pos and p_pos else 0.0,
+            1.0 if p_pos and not t_pos else 0.0,
+            1.0 if t_pos and not p_pos else 0.0,
         )
-        return bool(correct)
+
+    def push(self, row: tuple[float, ...]) -> None:
+        self.n += 1
+        o = self._overall
+        o[0] += row[0]
+        o[1] += row[1]
+        o[2] += row[2]
+        o[3] += row[3]
+        o[4] += row[4]
+        self._rows.append(row)
+
+    def update(self, y_true: object, y_pred: object, proba: dict[Any, float] | None) -> bool:
+        """Record one sample; returns whether the prediction was right."""
+        row = self.row(y_true, y_pred, proba)
+        self.push(row)
+        return row[0] == 1.0
 
     def _figures(self, s: list[float], n: int) -> dict[str, float]:
         tp, fp, fn = s[2], s[3], s[4]
@@ -152,13 +191,26 @@ class RegressionMetrics(PrequentialMetrics):
     primary = "mae"
     higher_is_better = False
 
-    def update(self, y_true: float, y_pred: float) -> float:
-        """Record one sample; returns the absolute error."""
+    @staticmethod
+    def row(y_true: float, y_pred: float) -> tuple[float, float]:
+        """The additive terms of one sample; ``row[0]`` is the absolute error."""
         err = abs(float(y_true) - float(y_pred))
         if math.isnan(err) or math.isinf(err):
             err = 1e300
-        self._push((err, err * err))
-        return err
+        return (err, err * err)
+
+    def push(self, row: tuple[float, ...]) -> None:
+        self.n += 1
+        o = self._overall
+        o[0] += row[0]
+        o[1] += row[1]
+        self._rows.append(row)
+
+    def update(self, y_true: float, y_pred: float) -> float:
+        """Record one sample; returns the absolute error."""
+        row = self.row(y_true, y_pred)
+        self.push(row)
+        return row[0]
 
     def _figures(self, s: list[float], n: int) -> dict[str, float]:
         return {"mae": s[0] / n, "rmse": math.sqrt(s[1] / n)}
