@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from edge.config import EdgeConfig
+from edge.config import EdgeConfigBase
 from edge.frames import FrameBuilder
 from edge.inference import LoadedModel, ModelLoadError, ModelSlot, load_model
 from edge.metrics import EdgeMetrics, HealthServer
@@ -55,7 +55,7 @@ class Agent:
     """The gateway agent. Async context manager; ``start``/``stop`` are idempotent."""
 
     def __init__(
-        self, config: EdgeConfig, *, connectors: Mapping[str, Connector[Any]] | None = None
+        self, config: EdgeConfigBase, *, connectors: Mapping[str, Connector[Any]] | None = None
     ) -> None:
         self.config = config
         self.agent_id = config.agent_id

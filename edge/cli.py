@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from edge.config import EdgeConfig, load_edge_config
+from edge.config import EdgeConfigBase, load_edge_config
 from shared.config import ConfigError
 
 __all__ = ["edge"]
@@ -51,7 +51,7 @@ def setup_logging(level: str, as_json: bool) -> None:
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
 
 
-async def run_agent(config: EdgeConfig, flush_timeout: float) -> None:
+async def run_agent(config: EdgeConfigBase, flush_timeout: float) -> None:
     from edge.agent import Agent
 
     stop = asyncio.Event()

@@ -15,11 +15,13 @@ import logging
 import os
 import re
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import cel
-from pydantic import Field, field_validator, model_validator
+import yaml
+from pydantic import Field, create_model, field_validator, model_validator
 
 from edge.synthetic import SyntheticConfig
 from protocols.base import BackoffConfig, ConnectorConfig, available_connectors
@@ -29,7 +31,7 @@ from shared.topics import DEFAULT_PREFIX
 
 __all__ = [
     "AGGREGATES",
-    "EdgeConfig",
+    "EdgeConfigBase",
     "FrameConfig",
     "HttpConfig",
     "ModelConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "RuleConfig",
     "UplinkConfig",
     "connector_config_models",
+    "edge_config_model",
     "load_edge_config",
 ]
 
@@ -47,12 +50,17 @@ AGGREGATES: tuple[str, ...] = typing.get_args(Aggregate)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
-def connector_config_models() -> list[type[ConnectorConfig]]:
-    """Config models of every connector kind this installation can run (built-ins first)."""
+def connector_config_models(kinds: Iterable[str] | None = None) -> list[type[ConnectorConfig]]:
+    """Config models of the connector kinds this installation can run (built-ins first).
+
+    ``kinds`` limits which plugin modules are imported (all when None): an agent that only
+    speaks Modbus does not pay for importing the OPC UA stack.
+    """
+    wanted = None if kinds is None else set(kinds)
     models: list[type[ConnectorConfig]] = [SyntheticConfig]
     seen = {"synthetic"}
     for name, ep in sorted(available_connectors().items()):
-        if name in seen:
+        if name in seen or (wanted is not None and name not in wanted):
             continue
         try:
             cls = ep.load()
@@ -74,14 +82,10 @@ def connector_config_models() -> list[type[ConnectorConfig]]:
     return models
 
 
-def _connector_union() -> Any:
-    models = connector_config_models()
+def _connector_union(models: list[type[ConnectorConfig]]) -> Any:
     if len(models) == 1:
         return models[0]
     return Annotated[typing.Union[tuple(models)], Field(discriminator="kind")]  # noqa: UP007
-
-
-ConnectorEntry: Any = _connector_union()
 
 
 # --- frames ---------------------------------------------------------------------------------
@@ -309,11 +313,13 @@ class LogConfig(ConfigModel):
     model_config = {"populate_by_name": True}
 
 
-class EdgeConfig(ConfigModel):
+class EdgeConfigBase(ConfigModel):
+    """Every section of the edge config; ``connectors`` is narrowed by :func:`edge_config_model`
+    to a list discriminated by ``kind`` over the installed connectors' config models."""
+
     agent_id: str = Field(..., pattern=_NAME.pattern)
     state_dir: Path = Path("./edge-state")
-    connectors: list[ConnectorEntry] = Field(default_factory=list)
-    # (a discriminated union of the installed connector config models; see connector_config_models)
+    connectors: list[Any] = Field(default_factory=list)
     frames: list[FrameConfig] = Field(default_factory=list)
     model: ModelConfig | None = None
     rules: list[RuleConfig] = Field(default_factory=list)
@@ -327,7 +333,7 @@ class EdgeConfig(ConfigModel):
     connector_backoff: BackoffConfig | None = None
 
     @model_validator(mode="after")
-    def _cross_refs(self) -> EdgeConfig:
+    def _cross_refs(self) -> EdgeConfigBase:
         names = [c.name for c in self.connectors]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -354,6 +360,49 @@ class EdgeConfig(ConfigModel):
         return self.outbox.path or self.state_dir / "outbox.db"
 
 
-def load_edge_config(path: str | os.PathLike[str]) -> EdgeConfig:
-    """Load and validate an edge config file; raises :class:`shared.config.ConfigError`."""
-    return load_config(path, EdgeConfig)
+_MODELS: dict[frozenset[str] | None, type[EdgeConfigBase]] = {}
+
+
+def edge_config_model(kinds: Iterable[str] | None = None) -> type[EdgeConfigBase]:
+    """The edge config model offering the connector ``kinds`` (all installed ones when None)."""
+    key = None if kinds is None else frozenset(kinds)
+    model = _MODELS.get(key)
+    if model is None:
+        union = _connector_union(connector_config_models(key))
+        model = _MODELS[key] = create_model(
+            "EdgeConfig",
+            __base__=EdgeConfigBase,
+            __module__=__name__,
+            connectors=(list[union], Field(default_factory=list)),  # type: ignore[valid-type]
+        )
+    return model
+
+
+def __getattr__(name: str) -> Any:
+    # ``EdgeConfig`` (every installed connector kind) is built on first use: building it imports
+    # every connector plugin, which ``edgeloop edge run`` avoids (see load_edge_config)
+    if name == "EdgeConfig":
+        return edge_config_model(None)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _kinds_in(path: str | os.PathLike[str]) -> set[str] | None:
+    """The connector kinds a config file names, or None when that cannot be told cheaply."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        entries = doc.get("connectors") or []
+        kinds = {e["kind"] for e in entries}
+    except Exception:  # noqa: BLE001 - the full model will report whatever is wrong
+        return None
+    installed = {"synthetic", *available_connectors()}
+    if not all(isinstance(k, str) and k in installed for k in kinds):
+        return None  # an unknown kind: validate against all, so the error lists every choice
+    return kinds
+
+
+def load_edge_config(path: str | os.PathLike[str]) -> EdgeConfigBase:
+    """Load and validate an edge config file; raises :class:`shared.config.ConfigError`.
+
+    Only the connector plugins the file uses are imported.
+    """
+    return load_config(path, edge_config_model(_kinds_in(path)))

@@ -34,7 +34,6 @@ from typing import Any, Self
 from urllib.parse import urlparse
 
 import cel
-import httpx
 
 from edge.config import MqttAction, RuleConfig, WebhookAction, WriteAction
 from protocols.base import Connector
@@ -210,7 +209,7 @@ class ActionRunner:
         self._on_result = on_result
         self.max_pending = max_pending
         self._tasks: set[asyncio.Task[None]] = set()
-        self._http: httpx.AsyncClient | None = None
+        self._http: Any = None  # httpx.AsyncClient, made on the first webhook (import cost)
         self._mqtt: dict[str, Any] = {}
         self.dropped = 0
         self._closed = True
@@ -219,7 +218,6 @@ class ActionRunner:
         if not self._closed:
             return
         self._closed = False
-        self._http = httpx.AsyncClient()
 
     async def stop(self) -> None:
         """Let running actions finish for a moment, then cancel the rest. Safe to call twice."""
@@ -356,7 +354,10 @@ class ActionRunner:
         client.loop_stop()
 
     async def _webhook(self, act: WebhookAction, firing: Firing) -> None:
-        assert self._http is not None
+        import httpx
+
+        if self._http is None:
+            self._http = httpx.AsyncClient()
         body = self._payload("", firing)
         headers = {"content-type": "application/json", **act.headers}
         delay = act.backoff
