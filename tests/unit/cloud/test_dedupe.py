@@ -1,0 +1,57 @@
+"""Which batches were already applied: floors, sparse windows, run-length text, dirty tracking."""
+
+from __future__ import annotations
+
+from cloud.dedupe import SeqTracker, SeqWindow
+
+
+def test_window_remembers_sparse_seqs_and_raises_the_floor_past_its_bound():
+    w = SeqWindow()
+    for seq in (3, 7, 5, 9):
+        w.add(seq, window=3)
+    # four applied, bound three: the floor rose to the oldest remembered
+    assert (w.floor, w.recent) == (3, [5, 7, 9])
+    assert w.seen(1) and w.seen(3) and w.seen(7)
+    assert not w.seen(4) and not w.seen(6) and not w.seen(10)
+    w.add(6, window=3)  # out of order, inside the window: still applied once
+    assert (w.floor, w.recent) == (5, [6, 7, 9])
+    w.add(6, window=3)
+    w.add(2, window=3)  # at or below the floor: already counted as applied
+    assert (w.floor, w.recent) == (5, [6, 7, 9])
+
+
+def test_window_text_round_trips_runs_and_singletons():
+    w = SeqWindow(4, [7, 8, 9, 12, 15, 16])
+    assert w.encode() == "7-9,12,15-16"
+    assert SeqWindow.decode(4, w.encode()) == w
+    assert SeqWindow.decode(-1, "") == SeqWindow()
+
+
+def test_tracker_keys_by_agent_topic_partition_and_reports_dirty_copies():
+    t = SeqTracker(window=16)
+    t.mark(("edge-1", "frames", 0), 1)
+    t.mark(("edge-1", "frames", 1), 2)
+    t.mark(("edge-2", "frames", 0), 1)
+    assert t.seen(("edge-1", "frames", 0), 1)
+    assert not t.seen(("edge-1", "frames", 0), 2)  # seq 2 went to partition 1
+    assert not t.seen(("edge-3", "frames", 0), 1)
+    dirty = t.take_dirty()
+    assert set(dirty) == {("edge-1", "frames", 0), ("edge-1", "frames", 1), ("edge-2", "frames", 0)}
+    dirty[("edge-1", "frames", 0)].recent.append(99)  # a copy: the live state is untouched
+    assert not t.seen(("edge-1", "frames", 0), 99)
+    assert t.take_dirty() == {}
+    t.restore_dirty(dirty)  # a failed write makes them dirty again
+    assert len(t.take_dirty()) == 3
+
+
+def test_tracker_forgets_revoked_partitions_and_loads_their_saved_state():
+    t = SeqTracker(window=16)
+    t.mark(("edge-1", "frames", 0), 1)
+    t.mark(("edge-1", "labels", 0), 2)
+    t.forget_partition("frames", 0)
+    assert not t.seen(("edge-1", "frames", 0), 1)
+    assert t.seen(("edge-1", "labels", 0), 2)
+    t.load(("edge-1", "frames", 0), SeqWindow(10, [12]))
+    assert t.seen(("edge-1", "frames", 0), 10) and t.seen(("edge-1", "frames", 0), 12)
+    assert not t.seen(("edge-1", "frames", 0), 11)
+    assert ("edge-1", "frames", 0) not in t.take_dirty()  # loaded, not changed
