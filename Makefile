@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test lint bench venv dev mosquitto clean
+.PHONY: demo test lint bench venv dev mosquitto browser clean
 
 $(VENV)/.base: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3)"; exit 1; }
@@ -28,6 +28,15 @@ mosquitto:
 	  else echo "mosquitto is missing: install it (apt-get install mosquitto) to run the MQTT tests"; fi; \
 	fi
 
+# The dashboard test drives a real headless Chromium through Debian's chromedriver (selenium
+# never downloads a browser or a driver); install both when missing and we are root.
+browser:
+	@if ! test -x /usr/bin/chromium || ! test -x /usr/bin/chromedriver; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else echo "chromium is missing: install it (apt-get install chromium chromium-driver) to run the dashboard tests"; fi; \
+	fi
+
 demo: $(VENV)/.base
 	$(VENV)/bin/edgeloop demo
 
@@ -36,7 +45,7 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: $(VENV)/.dev mosquitto lint
+test: $(VENV)/.dev mosquitto browser lint
 	$(VENV)/bin/pytest
 
 bench: $(VENV)/.dev mosquitto
