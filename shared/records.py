@@ -73,7 +73,18 @@ def _need_value(record: str, name: str, value: object) -> None:
         )
 
 
+_NUMBER_TYPES = frozenset((int, float))
+
+
 def _need_number_map(record: str, name: str, value: object) -> None:
+    # fast path for the common case (every value a plain float or int, every key a str);
+    # the slow path below names the offending entry
+    if (
+        type(value) is dict
+        and {type(v) for v in value.values()} <= _NUMBER_TYPES
+        and {type(k) for k in value} <= {str}
+    ):
+        return
     if not isinstance(value, dict):
         raise RecordError(f"{record}.{name}: expected a mapping of name to number, got {value!r}")
     for key, item in value.items():
