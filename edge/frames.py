@@ -67,11 +67,13 @@ class TagState:
         "prev_frame_last",
         "reading",
         "seen_at",
+        "windowed",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, windowed: bool = True) -> None:
         self.reading: Reading | None = None
         self.seen_at = 0.0  # monotonic receipt time
+        self.windowed = windowed  # keeps window statistics (the tag feeds a feature)
         self.last_good: float | None = None
         self.prev_frame_last: float | None = None
         self.reset()
@@ -88,6 +90,11 @@ class TagState:
     def observe(self, r: Reading, at: float) -> None:
         self.reading = r
         self.seen_at = at
+        if self.windowed:
+            self.add(r)
+
+    def add(self, r: Reading) -> None:
+        """Fold a reading into the window statistics (bad or non-numeric values are left out)."""
         if r.quality is Quality.BAD:
             return
         x = _number(r.value)
@@ -142,10 +149,10 @@ class AssetState:
     trigger_value: Value = None
     next_due: float = 0.0  # monotonic time of the next periodic frame
 
-    def tag(self, name: str) -> TagState:
+    def tag(self, name: str, windowed: bool = True) -> TagState:
         st = self.tags.get(name)
         if st is None:
-            st = self.tags[name] = TagState()
+            st = self.tags[name] = TagState(windowed)
         return st
 
     def values(self) -> dict[str, Value]:
@@ -177,6 +184,7 @@ class FrameBuilder:
         self.skipped = 0  # frames skipped by the on_stale policy
         for spec in frames:
             self._features[spec.asset] = self._expand(spec.features)
+        self._triggers = {f.asset: f.trigger.tag for f in frames if f.trigger.tag is not None}
 
     @staticmethod
     def _expand(features: Iterable[FeatureConfig]) -> list[tuple[str, str, str]]:
@@ -185,6 +193,13 @@ class FrameBuilder:
     def use_model_features(self, names: Sequence[str]) -> None:
         """Assets configured without ``features`` take the model's (from its manifest)."""
         self._model_features = [(n, *parse_feature_name(n)) for n in names]
+        for asset, st in self.assets.items():
+            wanted = self._windowed_tags(asset)
+            for name, ts in st.tags.items():
+                ts.windowed = name in wanted
+
+    def _windowed_tags(self, asset: str) -> set[str]:
+        return {tag for _, tag, _ in self.features_of(asset)} if asset in self.specs else set()
 
     def features_of(self, asset: str) -> list[tuple[str, str, str]]:
         return self._features.get(asset) or self._model_features
@@ -200,10 +215,14 @@ class FrameBuilder:
         at = time.monotonic() if now is None else now
         out: list[PendingFrame] = []
         specs = self.specs
+        assets = self.assets
+        triggers = self._triggers
         for r in readings:
-            st = self.assets.get(r.asset) or self.state(r.asset)
-            spec = specs.get(r.asset)
-            if spec is not None and spec.trigger.tag == r.tag:
+            st = assets.get(r.asset)
+            if st is None:
+                st = self.state(r.asset)
+            if triggers.get(r.asset) == r.tag:
+                spec = specs[r.asset]
                 prev, st.trigger_value = st.trigger_value, r.value
                 if prev is not None and r.value != prev and r.quality is not Quality.BAD:
                     key = spec.key_template().format(
@@ -212,7 +231,13 @@ class FrameBuilder:
                     frame = self._cut(st, spec, key, r.ts_ns, at)
                     if frame is not None:
                         out.append(frame)
-            st.tag(r.tag).observe(r, at)
+            ts = st.tags.get(r.tag)
+            if ts is None:
+                ts = st.tag(r.tag, r.tag in self._windowed_tags(r.asset))
+            ts.reading = r
+            ts.seen_at = at
+            if ts.windowed:
+                ts.add(r)
         return out
 
     def due(self, now: float | None = None) -> list[PendingFrame]:
