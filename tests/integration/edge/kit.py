@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import yaml
 from aiokafka import AIOKafkaConsumer
 
@@ -132,3 +135,27 @@ class Collector:
 def write_config(path: Path, doc: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+class Subscriber:
+    """A paho client collecting what arrives on one topic filter."""
+
+    def __init__(self, url: str, topic: str) -> None:
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.messages: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()
+        self.ready = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self.ready.set()
+        self.client.on_message = self._on_message
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, json.loads(msg.payload)))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

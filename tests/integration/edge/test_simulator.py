@@ -4,16 +4,12 @@ an MQTT alarm published through Mosquitto."""
 
 from __future__ import annotations
 
-import json
-import threading
-
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from edge.agent import Agent
 from edge.config import EdgeConfig
-from tests.integration.edge.kit import Collector
+from tests.integration.edge.kit import Collector, Subscriber
 from tests.unit.edge.modelkit import FEATURES, export
 from tests.waiting import wait_until
 
@@ -42,30 +38,6 @@ def modbus_connector(host: str, port: int) -> dict:
             for i, a in enumerate(MACHINES)
         ],
     }
-
-
-class Subscriber:
-    """A paho client collecting what arrives on one topic filter."""
-
-    def __init__(self, url: str, topic: str) -> None:
-        host, port = url.removeprefix("mqtt://").split(":")
-        self.messages: list[tuple[str, dict]] = []
-        self._lock = threading.Lock()
-        self.ready = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.client.on_subscribe = lambda *a: self.ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect(host, int(port))
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, msg) -> None:
-        with self._lock:
-            self.messages.append((msg.topic, json.loads(msg.payload)))
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 async def test_simulator_through_agent_into_kafka_with_write_back(
