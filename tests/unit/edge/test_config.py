@@ -128,3 +128,27 @@ def test_config_validate_cli_exits_nonzero_with_file_and_key_path(tmp_path):
     assert proc.returncode == 1
     assert str(bad) in proc.stderr and "outbox.overflow (line 2)" in proc.stderr
     assert "drop_oldest" in proc.stderr
+
+
+def test_edge_run_refuses_a_bad_config_naming_the_rule(tmp_path):
+    bad = tmp_path / "edge.yaml"
+    bad.write_text('agent_id: gw1\nrules:\n  - {name: hot, when: "r.t >>"}\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeloop.cli", "edge", "run", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "rules[0].when (line 3)" in proc.stderr and "rule 'hot'" in proc.stderr
+
+
+def test_load_edge_config_imports_only_the_plugins_a_file_uses(tmp_path):
+    code = (
+        "import sys; from edge.config import load_edge_config; "
+        f"c = load_edge_config({str(tmp_path / 'edge.yaml')!r}); "
+        "print(type(c.connectors[0]).__name__, 'protocols.opcua' in sys.modules)"
+    )
+    (tmp_path / "edge.yaml").write_text("agent_id: gw1\nconnectors: [{kind: synthetic, name: s}]\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["SyntheticConfig", "False"], out.stderr
