@@ -31,12 +31,13 @@ from edge.config import EdgeConfigBase
 from edge.frames import FrameBuilder
 from edge.inference import LoadedModel, ModelLoadError, ModelSlot, load_model
 from edge.metrics import EdgeMetrics, HealthServer
+from edge.model_sync import LabelExtractor, ModelSync
 from edge.outbox import Outbox, OutboxError
 from edge.rules import ActionRunner, Firing, RuleEngine
 from edge.synthetic import SyntheticConfig, SyntheticConnector
 from edge.uplink import Uplink
 from protocols.base import Connector, ConnectorState, load_connector_class
-from shared.records import Frame, Heartbeat, Reading, Record, now_ns
+from shared.records import Frame, Heartbeat, Label, Reading, Record, now_ns
 
 __all__ = ["Agent", "build_connector"]
 
@@ -79,6 +80,10 @@ class Agent:
         self.rules = RuleEngine(config.rules, on_error=self.metrics.rule_error)
         self.actions = ActionRunner(self.connectors, on_result=self.metrics.action)
         self.uplink = Uplink(config.uplink, config.agent_id, self.outbox, self.metrics)
+        self.label_extractor = LabelExtractor(config.labels)
+        self.model_sync = ModelSync(self, config.models) if config.models is not None else None
+        self._emitted: list[Record] = []  # records from model sync, committed with the next tick
+        self.labels_emitted = 0
         self.http: HealthServer | None = None
         if config.http.port is not None:
             self.http = HealthServer(config.http.host, config.http.port, self.health)
@@ -109,6 +114,8 @@ class Agent:
             if self.config.model is not None:
                 m = self.config.model
                 await self.load_model(m.path, m.manifest_path(), raise_errors=False)
+            if self.model_sync is not None:
+                await self.model_sync.start()  # a persisted delivered model replaces the above
             await self.actions.start()
             for name, conn in self.connectors.items():
                 conn.set_sink(self._make_sink(name))
@@ -150,6 +157,8 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.model_sync is not None:
+            await self.model_sync.stop()
         with contextlib.suppress(OutboxError):
             if self.outbox.is_open:
                 await self._tick()  # commit what the connectors delivered before they stopped
@@ -199,6 +208,18 @@ class Agent:
         )
         return model
 
+    def rollback_model(self) -> LoadedModel:
+        """Reactivate the previous model at once (the current one becomes previous)."""
+        model = self.slot.rollback()
+        self.frames.use_model_features(model.features)
+        self.metrics.model_version.set(model.version)
+        log.warning("model rolled back to %s v%d", model.manifest.name, model.version)
+        return model
+
+    def emit(self, records: Sequence[Record]) -> None:
+        """Queue records (model-sync events) for the next tick's outbox transaction."""
+        self._emitted.extend(records)
+
     # --- ingest -------------------------------------------------------------------------
 
     def _make_sink(self, name: str) -> Any:
@@ -233,16 +254,22 @@ class Agent:
         queue, self._queue, self._queued = self._queue, [], 0
         now = time.monotonic()
         readings: list[Reading] = []
+        labels: list[Label] = []
         per_conn: dict[str, int] = {}
+        extract = self.label_extractor.by_connector
         for name, batch in queue:
             readings.extend(batch)
             per_conn[name] = per_conn.get(name, 0) + len(batch)
+            if name in extract:
+                labels += self.label_extractor.extract(name, batch)
         pending = self.frames.observe(readings, now) if readings else []
         pending += self.frames.due(now)
         if self.frames.skipped != self._skipped_seen:
             self.metrics.frames_skipped.inc(self.frames.skipped - self._skipped_seen)
             self._skipped_seen = self.frames.skipped
         frames = self.slot.score(pending)
+        if self.model_sync is not None:
+            self.model_sync.observe(pending, frames, labels)
         for f in frames:
             self._last_frame[f.asset] = f
         firings: list[Firing] = []
@@ -253,7 +280,8 @@ class Agent:
             for asset in touched:
                 firings += self.rules.evaluate(asset, self._rule_context(asset, now), now, ts)
         events = [f.event for f in firings if f.event is not None]
-        records: list[Record] = [*self._carry, *readings, *frames, *events]
+        emitted, self._emitted = self._emitted, []
+        records: list[Record] = [*self._carry, *readings, *frames, *labels, *events, *emitted]
         if not records:
             return
         try:
@@ -264,6 +292,7 @@ class Agent:
         self._carry = []
         self.uplink.notify()
         self.ticks += 1
+        self.labels_emitted += len(labels)
         self.accepted_readings += len(readings)
         for name, n in per_conn.items():
             self.metrics.readings(name, n)
@@ -323,6 +352,11 @@ class Agent:
                             "reasons": reasons,
                             "uptime_s": round(time.monotonic() - self._started_at, 1),
                             "dropped": {k.name.lower(): v for k, v in self.outbox.dropped.items()},
+                            **(
+                                {"model_sync": self.model_sync.status()}
+                                if self.model_sync is not None
+                                else {}
+                            ),
                         },
                     )
                     await self.outbox.append([hb])
@@ -357,6 +391,7 @@ class Agent:
             if m is None
             else {"name": m.manifest.name, "version": m.version, "features": list(m.features)},
             "model_error": self.slot.error,
+            "model_sync": None if self.model_sync is None else self.model_sync.status(),
             "outbox": {
                 "rows": self.outbox.records,
                 "bytes": self.outbox.nbytes,
@@ -372,4 +407,5 @@ class Agent:
             "accepted_readings": self.accepted_readings,
             "frames": self.frames_built,
             "events": self.events_emitted,
+            "labels": self.labels_emitted,
         }

@@ -24,7 +24,7 @@ import yaml
 from pydantic import Field, create_model, field_validator, model_validator
 
 from edge.synthetic import SyntheticConfig
-from protocols.base import BackoffConfig, ConnectorConfig, available_connectors
+from protocols.base import ConnectorConfig, available_connectors
 from shared.config import ConfigModel, load_config
 from shared.records import Severity
 from shared.topics import DEFAULT_PREFIX
@@ -34,7 +34,9 @@ __all__ = [
     "EdgeConfigBase",
     "FrameConfig",
     "HttpConfig",
+    "LabelConfig",
     "ModelConfig",
+    "ModelSyncConfig",
     "OutboxConfig",
     "RuleConfig",
     "UplinkConfig",
@@ -163,6 +165,75 @@ class ModelConfig(ConfigModel):
 
     def manifest_path(self) -> Path:
         return self.manifest or self.path.with_suffix(".manifest.json")
+
+
+class LabelConfig(ConfigModel):
+    """Labels from readings: one message of a quality station gives (asset, key, target).
+
+    Readings of ``key_tag`` and ``target_tag`` of the same asset with the same timestamp (one
+    MQTT message expanded into fields, say) from ``connector`` become one ``Label``: its key is
+    ``key`` formatted over ``{asset}`` and ``{value}`` (the key tag's value), its target the
+    target tag's value (bool or number). The readings themselves still go up as telemetry.
+    """
+
+    connector: str = Field(..., min_length=1)
+    assets: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns")
+    key_tag: str = Field("part_id", min_length=1)
+    target_tag: str = Field("defect", min_length=1)
+    key: str = Field("{value}", description="label key template over {asset} and {value}")
+
+    @field_validator("key")
+    @classmethod
+    def _key_formats(cls, v: str) -> str:
+        try:
+            v.format(asset="a", value="a-1")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"key template {v!r} does not format ({exc}); use {{asset}} and {{value}}"
+            ) from None
+        return v
+
+
+class SyncBackoff(ConfigModel):
+    initial: float = Field(0.2, gt=0)
+    max: float = Field(5.0, gt=0)
+
+
+class ModelSyncConfig(ConfigModel):
+    """Model delivery: signed manifests from ``<prefix>.models``, artifacts over HTTP.
+
+    Nothing is loaded before the manifest's ed25519 signature verifies against ``public_key``
+    and the downloaded bytes match its sha256. A candidate runs in shadow on live frames before
+    it is swapped in, and is watched (NaN rate, error rate against labels seen on the edge)
+    after the swap; see docs/delivery.md.
+    """
+
+    public_key: Path = Field(..., description="the cloud's ed25519 public key (PEM), pinned")
+    name: str = Field("default", min_length=1, description="the model name this agent runs")
+    bootstrap_servers: str | list[str] | None = Field(
+        None, description="default: uplink.bootstrap_servers"
+    )
+    topic_prefix: str | None = Field(None, description="default: uplink.topic_prefix")
+    download_timeout: float = Field(10.0, gt=0, description="seconds per artifact request")
+    download_attempts: int = Field(5, ge=1, le=100)
+    backoff: SyncBackoff = Field(default_factory=SyncBackoff)
+    max_artifact_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    shadow_frames: int = Field(20, ge=0, description="frames scored in shadow before the swap")
+    shadow_timeout: float = Field(
+        60.0, gt=0, description="seconds; then the checks are judged on the frames seen"
+    )
+    max_nan_rate: float = Field(0.0, ge=0, le=1, description="shadow: NaN outputs allowed")
+    max_latency_ms: float = Field(250.0, gt=0, description="shadow: p99 of one batched call")
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="shadow: required agreement with the champion (reported)"
+    )
+    watch_frames: int = Field(200, ge=0, description="frames watched after a swap")
+    watch_min_frames: int = Field(10, ge=1)
+    watch_max_nan_rate: float = Field(0.05, ge=0, le=1)
+    watch_max_error_rate: float | None = Field(
+        None, ge=0, le=1, description="roll back past this error rate against edge labels"
+    )
+    watch_min_labels: int = Field(30, ge=1)
 
 
 # --- rules ------------------------------------------------------------------------------------
@@ -322,6 +393,8 @@ class EdgeConfigBase(ConfigModel):
     connectors: list[Any] = Field(default_factory=list)
     frames: list[FrameConfig] = Field(default_factory=list)
     model: ModelConfig | None = None
+    models: ModelSyncConfig | None = None
+    labels: list[LabelConfig] = Field(default_factory=list)
     rules: list[RuleConfig] = Field(default_factory=list)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     uplink: UplinkConfig = Field(default_factory=UplinkConfig)
@@ -330,7 +403,6 @@ class EdgeConfigBase(ConfigModel):
     heartbeat_interval: float = Field(10.0, gt=0)
     tick_interval: float = Field(0.05, gt=0, le=5, description="seconds per processing tick")
     queue_size: int = Field(200_000, ge=100, description="readings buffered before the outbox")
-    connector_backoff: BackoffConfig | None = None
 
     @model_validator(mode="after")
     def _cross_refs(self) -> EdgeConfigBase:
@@ -346,6 +418,12 @@ class EdgeConfigBase(ConfigModel):
         fdupes = sorted({a for a in assets if assets.count(a) > 1})
         if fdupes:
             raise ValueError(f"one frame definition per asset; repeated: {fdupes}")
+        for i, lab in enumerate(self.labels):
+            if lab.connector not in names:
+                raise ValueError(
+                    f"labels[{i}]: connector {lab.connector!r} is not configured "
+                    f"(have: {names or 'none'})"
+                )
         for rule in self.rules:
             for act in rule.actions:
                 target = getattr(act, "connector", None)

@@ -9,6 +9,7 @@ import pytest
 
 from edge.agent import Agent
 from edge.config import EdgeConfig
+from edge.inference import ModelLoadError
 from tests.integration.edge.kit import Collector
 from tests.unit.edge.modelkit import FEATURES, export
 from tests.waiting import wait_until
@@ -141,3 +142,27 @@ async def test_broken_model_leaves_the_agent_running_rules_and_degraded(
     assert health["model"] is None and expect in health["model_error"]
     assert f'edgeloop_edge_degraded{{agent="{cfg.agent_id}"}} 1.0' in metrics
     assert f'edgeloop_edge_model_load_errors_total{{agent="{cfg.agent_id}"}} 1.0' in metrics
+
+
+async def test_model_swap_and_rollback_while_running(tmp_path, kafka_broker):
+    d1, d2 = tmp_path / "v1", tmp_path / "v2"
+    d1.mkdir()
+    d2.mkdir()
+    p1, m1, _ = export(d1, version=1)
+    p2, m2, _ = export(d2, version=2, seed=7)
+    cfg = config(
+        tmp_path, kafka_broker, model={"path": str(p1), "manifest": str(m1)}, agent_id="gw-swap"
+    )
+    async with Agent(cfg) as agent:
+        versions = lambda: {f.model_version for f in agent._last_frame.values()}  # noqa: E731
+        await wait_until(lambda: versions() == {1}, 20, "frames scored by v1")
+        old = await agent.load_model(p2, m2)
+        assert old is not None and agent.slot.previous.version == 1
+        await wait_until(lambda: versions() == {2}, 20, "frames scored by v2")
+        assert agent.health()["model"]["version"] == 2
+        agent.rollback_model()
+        await wait_until(lambda: versions() == {1}, 20, "frames scored by v1 again")
+        with pytest.raises(ModelLoadError, match="sha256"):
+            p2.write_bytes(b"\0" + p2.read_bytes()[1:])
+            await agent.load_model(p2, m2)
+        assert agent.slot.current.version == 1  # a refused model changes nothing
