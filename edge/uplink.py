@@ -1,7 +1,8 @@
 """The uplink: outbox -> Kafka, at least once, with numbered batches the cloud deduplicates.
 
 Each round takes up to ``max_in_flight`` of the oldest batches from the outbox (sealed,
-numbered and encoded when they were appended, so a resend is byte for byte the same), sends them (key = asset, topic per kind) with ``acks="all"``, waits for every ack, and
+numbered and encoded when they were appended, so a resend is byte for byte the same), sends
+them (key = asset, topic per kind) with ``acks="all"``, waits for every ack, and
 deletes exactly the acknowledged batches from the outbox. A failed round closes the producer and
 tries again after a capped exponential backoff (``initial`` doubling to ``max``, forever): the
 cloud being away for hours costs outbox space, never data, until the overflow policy says so.
@@ -94,13 +95,15 @@ class Uplink:
             return
         self._stopping = True
         self._wake.set()
-        if flush_timeout > 0 and self.connected:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(task), flush_timeout)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await self._close_producer()
+        try:
+            if flush_timeout > 0 and self.connected:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), flush_timeout)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self._close_producer()
 
     async def __aenter__(self) -> Self:
         await self.start()
