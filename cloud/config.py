@@ -21,6 +21,7 @@ __all__ = [
     "ApiConfig",
     "CloudConfig",
     "DatabaseConfig",
+    "DeliveryConfig",
     "DriftConfig",
     "JoinConfig",
     "KafkaConfig",
@@ -214,6 +215,36 @@ class ApiConfig(ConfigModel):
     token: SecretStr | None = None
 
 
+class DeliveryConfig(ConfigModel):
+    """The closed loop: compile each new champion, gate on parity, sign, publish (docs/delivery.md)."""
+
+    enabled: bool = False
+    #: ed25519 private key (PEM, from ``edgeloop keys generate``); the edge pins the public one.
+    private_key: Path | None = None
+    #: Where compiled and registered artifacts are stored (served at
+    #: ``/api/models/{name}/versions/{v}/artifact``).
+    artifact_dir: Path = Path("edgeloop-artifacts")
+    #: Base URL the edge downloads artifacts from; default ``http://<api.host>:<api port>``.
+    public_url: str | None = Field(default=None, pattern=r"^https?://")
+    #: The parity gate: river and the ONNX artifact must agree within this on recent frames.
+    parity_atol: float = Field(default=1e-5, gt=0)
+    #: Recent frames kept per model for the parity gate (and user-model test batches).
+    parity_frames: int = Field(default=256, ge=1)
+    #: Every champion's manifest is published again this often (Tansu does not compact).
+    republish_interval_s: float = Field(default=60.0, gt=0)
+    #: A heartbeat showing an old version triggers a republish at most this often per model.
+    catchup_interval_s: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _needs_key(self) -> DeliveryConfig:
+        if self.enabled and self.private_key is None:
+            raise ValueError(
+                "delivery.enabled needs delivery.private_key (create one with "
+                "'edgeloop keys generate')"
+            )
+        return self
+
+
 class WebhookConfig(ConfigModel):
     url: str = Field(pattern=r"^https?://")
     #: Which notifications go to this URL.
@@ -237,6 +268,7 @@ class CloudConfig(ConfigModel):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     webhooks: list[WebhookConfig] = Field(default_factory=list)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     #: Learner state, join buffer and dedupe state are checkpointed (then offsets committed) at
     #: most this often, and at least every ``checkpoint_records`` records.
     checkpoint_interval_s: float = Field(default=5.0, gt=0)
@@ -259,6 +291,8 @@ class CloudConfig(ConfigModel):
             raise ValueError(f"model names must be unique, repeated: {sorted(dup)}")
         if not self.models:
             raise ValueError("at least one model is needed")
+        if self.delivery.enabled and not self.api.enabled:
+            raise ValueError("delivery.enabled needs api.enabled: the API serves the artifacts")
         return self
 
 

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import pickle
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
@@ -129,6 +130,8 @@ class CloudService:
         self.join = JoinBuffer(config.join)
         self.seqs = SeqTracker(config.dedupe_window)
         self.fleet: dict[str, tuple[Heartbeat, int]] = {}
+        #: model version changes seen in heartbeats (the edge swapped models), newest last
+        self.model_swaps: deque[dict[str, Any]] = deque(maxlen=1000)
         self.notifier = WebhookNotifier(config.webhooks)
         self.on_promotion: list[PromotionHook] = []
         self.hook_failures = 0
@@ -137,6 +140,18 @@ class CloudService:
         self.restored_from: dict[str, Any] | None = None
         self._serve_api = config.api.enabled if serve_api is None else serve_api
         self._routers = list(routers or [])
+        #: recent frames' features per model: the parity gate's test set (cloud/delivery.py)
+        self.recent_frames: dict[str, deque[dict[str, float]]] = {
+            m.name: deque(maxlen=config.delivery.parity_frames) for m in config.models
+        }
+        self.delivery: Any = None
+        if config.delivery.enabled:
+            from cloud.delivery import ModelDelivery
+
+            self.delivery = ModelDelivery(self, config.delivery)
+            self.delivery.load_key()  # a missing or wrong key fails here, before anything runs
+            self._routers.append(self.delivery.router())
+            self.on_promotion.append(self.delivery.on_promotion)
         self._registry: Registry | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -210,6 +225,8 @@ class CloudService:
             self._tasks.append(asyncio.create_task(self._run_hooks(), name="cloud-hooks"))
             if self._serve_api:
                 await self._start_api()
+            if self.delivery is not None:
+                await self.delivery.start()
         except BaseException:
             await self.stop()
             raise
@@ -229,6 +246,8 @@ class CloudService:
             done, _ = await asyncio.wait({ingest}, timeout=10)
             if not done:
                 ingest.cancel()
+        if self.delivery is not None:
+            await self.delivery.stop()
         for task in self._tasks[1:]:
             task.cancel()
         if self._tasks:
@@ -454,6 +473,20 @@ class CloudService:
                 assert isinstance(rec, Heartbeat)
                 old = self.fleet.get(rec.agent_id)
                 if old is None or rec.ts_ns >= old[0].ts_ns:
+                    if old is not None and old[0].models != rec.models:
+                        for model, version in rec.models.items():
+                            before = old[0].models.get(model)
+                            if before != version:
+                                self.model_swaps.append(
+                                    {
+                                        "agent_id": rec.agent_id,
+                                        "model": model,
+                                        "from_version": before,
+                                        "to_version": version,
+                                        "ts_ns": rec.ts_ns,
+                                        "received_ns": received,
+                                    }
+                                )
                     self.fleet[rec.agent_id] = (rec, received)
                     self._agents_dirty.add(rec.agent_id)
         elif kind is Kind.EVENT:
@@ -469,6 +502,7 @@ class CloudService:
             if len(self._by_asset) < 100_000:
                 self._by_asset[frame.asset] = learners
         for learner in learners:
+            self.recent_frames[learner.name].append(frame.features)
             det = learner.learn(frame, label.target)
             if det is not None:
                 notices.append(det)

@@ -109,10 +109,8 @@ class LabelExtractor:
                 if isinstance(target, str):
                     low = target.strip().lower()
                     target = {"true": True, "false": False, "1": 1, "0": 0}.get(low, target)
-                if (
-                    not isinstance(target, bool | int | float)
-                    or isinstance(target, float)
-                    and math.isnan(target)
+                if not isinstance(target, bool | int | float) or (
+                    isinstance(target, float) and math.isnan(target)
                 ):
                     self.invalid += 1
                     continue
@@ -186,7 +184,7 @@ class ModelSync:
         self._latest: ModelManifest | None = None
         self._wake = asyncio.Event()
         self._caught_up = False
-        self._handled: set[tuple[int, str, bool]] = set()
+        self._handled: set[tuple[int, str, bool, int]] = set()
         self._shadow: _Shadow | None = None
         self._shadow_done = asyncio.Event()
         self._watch: _Watch | None = None
@@ -300,7 +298,7 @@ class ModelSync:
                 log.error("persisted model v%s not restored: %s", version, exc)
                 continue
             self._activate(model, persist=False)
-            self._handled.add((version, manifest.sha256, manifest.rollback))
+            self._handled.add((version, manifest.sha256, manifest.rollback, manifest.created))
         if self.agent.slot.current is not None:
             log.info("restored model %s v%d", self.config.name, self.agent.slot.current.version)
 
@@ -333,9 +331,10 @@ class ModelSync:
                         parts = consumer.assignment()
                         if parts and ends is None:
                             ends = await consumer.end_offsets(list(parts))
-                        if ends is not None and all(
-                            await consumer.position(tp) >= end for tp, end in ends.items()
-                        ):
+                        behind = False
+                        for tp, end in (ends or {}).items():
+                            behind = behind or await consumer.position(tp) < end
+                        if ends is not None and not behind:
                             self._caught_up = True
                             if self._latest is not None:
                                 self._wake.set()
@@ -377,7 +376,8 @@ class ModelSync:
             manifest = self._latest
             if manifest is None:
                 continue
-            ident = (manifest.version, manifest.sha256, manifest.rollback)
+            # republished manifests are the same object (same ``created``): handled once
+            ident = (manifest.version, manifest.sha256, manifest.rollback, manifest.created)
             if ident in self._handled:
                 continue
             self._handled.add(ident)
@@ -543,12 +543,15 @@ class ModelSync:
                 f"shadow: p99 latency {p99:.1f} ms > max_latency_ms {cfg.max_latency_ms}"
             )
         agreement = report["agreement"]
-        if cfg.min_agreement is not None and agreement is not None:
-            if agreement < cfg.min_agreement:
-                raise ModelSyncError(
-                    f"shadow: agreement with the champion {agreement:.3f} < min_agreement "
-                    f"{cfg.min_agreement}"
-                )
+        if (
+            cfg.min_agreement is not None
+            and agreement is not None
+            and agreement < cfg.min_agreement
+        ):
+            raise ModelSyncError(
+                f"shadow: agreement with the champion {agreement:.3f} < min_agreement "
+                f"{cfg.min_agreement}"
+            )
         if not shadow.frames:
             log.warning(
                 "model v%d: no live frames within shadow_timeout %.0f s; swapped on the probe "
@@ -635,7 +638,10 @@ class ModelSync:
                 watch.wrong += 1
         cfg = self.config
         reason = ""
-        if watch.frames >= cfg.watch_min_frames and watch.nan / watch.frames > cfg.watch_max_nan_rate:
+        if (
+            watch.frames >= cfg.watch_min_frames
+            and watch.nan / watch.frames > cfg.watch_max_nan_rate
+        ):
             reason = (
                 f"NaN rate {watch.nan}/{watch.frames} above watch_max_nan_rate "
                 f"{cfg.watch_max_nan_rate}"
@@ -713,9 +719,7 @@ class ModelSync:
             self.swaps += 1
         log.info("model %s v%d active", model.manifest.name, model.version)
 
-    def _record(
-        self, outcome: str, manifest: ModelManifest, why: str, shadow: Any = None
-    ) -> None:
+    def _record(self, outcome: str, manifest: ModelManifest, why: str, shadow: Any = None) -> None:
         self._updates[outcome].inc()
         self.history.append(
             {
