@@ -100,6 +100,7 @@ class Agent:
         self.events_emitted = 0
         self.ticks = 0
         self._skipped_seen = 0
+        self._tick_wake = asyncio.Event()  # set by stop(): end the tick loop after its tick
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class Agent:
             return
         self._started = True
         self._stopping = False
+        self._tick_wake.clear()
         self._started_at = time.monotonic()
         try:
             await self.outbox.start()
@@ -151,7 +153,9 @@ class Agent:
         for conn in self.connectors.values():
             with contextlib.suppress(Exception):
                 await conn.stop()
-        for task in self._tasks:
+        # the tick loop finishes its tick (an outbox write is never cut short); the rest cancel
+        self._tick_wake.set()
+        for task in self._tasks[1:]:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
@@ -242,13 +246,14 @@ class Agent:
     async def _tick_loop(self) -> None:
         interval = self.config.tick_interval
         next_at = time.monotonic()
-        while True:
+        while not self._stopping:
             try:
                 await self._tick()
             except OutboxError as exc:
                 log.error("outbox write failed; the tick's records are kept for a retry: %s", exc)
             next_at = max(next_at + interval, time.monotonic())
-            await asyncio.sleep(next_at - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tick_wake.wait(), next_at - time.monotonic())
 
     async def _tick(self) -> None:
         queue, self._queue, self._queued = self._queue, [], 0
@@ -289,6 +294,8 @@ class Agent:
         except OutboxError:
             self._carry = records[-self.config.queue_size :]
             raise
+        if self._carry:  # readings of an earlier tick whose write failed are in now
+            self.accepted_readings += sum(1 for r in self._carry if type(r) is Reading)
         self._carry = []
         self.uplink.notify()
         self.ticks += 1

@@ -78,8 +78,8 @@ async def test_kafka_down_30s_under_load_loses_nothing(tmp_path, kafka_broker_fa
         await agent.uplink.start()
         accepted_at_outage = agent.accepted_readings
         await asyncio.sleep(30)  # the outage itself, under load
-        assert agent.accepted_readings - accepted_at_outage > 50_000
-        assert agent.outbox.records > 50_000 and agent.uplink.last_error is not None
+        assert agent.accepted_readings - accepted_at_outage > 20_000
+        assert agent.outbox.records > 20_000 and agent.uplink.last_error is not None
         assert agent.health()["status"] == "degraded"
         broker.start()  # same port, empty
         col = Collector(broker.bootstrap, "gw-outage")
