@@ -2,8 +2,9 @@
 
 Reads are open; writes (promote, roll back) need ``Authorization: Bearer <api.token>``. Without a
 configured token (allowed only with ``environment: development``) writes are open and a warning
-is logged at start. ``/metrics`` is the Prometheus exposition. More routers (the closed loop's
-artifact download, the dashboard) are mounted with ``create_app(service, routers=[...])``.
+is logged at start. ``/metrics`` is the Prometheus exposition. The dashboard page is at
+``/dashboard/`` (``/`` redirects there). More routers (the closed loop's artifact download) are
+mounted with ``create_app(service, routers=[...])``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from cloud.dashboard import dashboard_router
 from cloud.registry import RegistryError
 from cloud.service import CloudService
 from shared.records import now_ns
@@ -252,6 +254,7 @@ def create_app(service: CloudService, *, routers: list[APIRouter] | None = None)
         )
 
     app.include_router(_api_router(), tags=["cloud"])
+    app.include_router(dashboard_router())
     for router in routers or []:
         app.include_router(router)
     return app
