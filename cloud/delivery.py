@@ -39,6 +39,7 @@ from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse
 
+from cloud.api import require_token
 from cloud.config import DeliveryConfig
 from cloud.registry import RegistryError, VersionEntry
 from shared.manifest import (
@@ -443,8 +444,6 @@ class ModelDelivery:
     # --- HTTP -------------------------------------------------------------------------------
 
     def router(self) -> APIRouter:
-        from cloud.api import require_token
-
         r = APIRouter(prefix="/api", tags=["delivery"])
         delivery = self
 
@@ -520,15 +519,13 @@ class ModelDelivery:
 
             feats = [f.strip() for f in features.split(",") if f.strip()]
             if not feats:
-                raise HTTPException(
-                    status.HTTP_422_UNPROCESSABLE_ENTITY, "features: expected a,b,c"
-                )
+                raise HTTPException(422, "features: expected a,b,c")
             body = bytearray()
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > _MAX_UPLOAD:
                     raise HTTPException(
-                        status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                        413,
                         f"model larger than {_MAX_UPLOAD} bytes",
                     )
             try:
@@ -536,7 +533,7 @@ class ModelDelivery:
                     name, bytes(body), feats, kind, output=output, filename=filename
                 )
             except (UserModelError, ValueError) as exc:
-                raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+                raise HTTPException(422, str(exc)) from None
 
         return r
 
