@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -24,7 +25,9 @@ __all__ = ["edge"]
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg (+ exc)."""
+    """One JSON object per line: ts (UTC), level, logger, msg (+ exc)."""
+
+    converter = time.gmtime
 
     def format(self, record: logging.LogRecord) -> str:
         doc = {
