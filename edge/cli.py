@@ -27,7 +27,7 @@ __all__ = ["edge"]
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts (UTC), level, logger, msg (+ exc)."""
 
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed: gmtime(secs=None)
 
     def format(self, record: logging.LogRecord) -> str:
         doc = {
