@@ -290,7 +290,8 @@
     const W = Math.max(300, Math.round(box.width || 1000));
     const H = Math.max(120, Math.round(box.height || 300));
     svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-    const m = { l: 58, r: 14, t: markers.length ? 30 : 10, b: 24 };
+    const LABEL_ROWS = 3;
+    const m = { l: 58, r: 14, t: markers.length ? 14 + 13 * LABEL_ROWS : 10, b: 24 };
     const pw = W - m.l - m.r;
     const ph = H - m.t - m.b;
     const x = (ns) => m.l + ((ns - xFrom) / (xTo - xFrom)) * pw;
@@ -321,9 +322,13 @@
       const pts = s.points.filter(([t, v]) => isNum(v) && t >= xFrom && t <= xTo);
       if (!pts.length) continue;
       let d = "";
-      for (const [t, v] of pts) {
+      let prev;
+      for (const [t, v, version] of pts) {
         const cy = Math.min(Math.max(y(v), m.t), H - m.b);
-        d += (d ? "L" : "M") + x(t).toFixed(1) + " " + cy.toFixed(1);
+        // a new model version starts a new segment: its metrics start afresh
+        const move = !d || (version !== undefined && prev !== undefined && version !== prev);
+        d += (move ? "M" : "L") + x(t).toFixed(1) + " " + cy.toFixed(1);
+        prev = version;
       }
       if (pts.length === 1) d += "h2"; // a lone point still shows
       const path = svgEl("path", {
@@ -338,8 +343,15 @@
     let shown = 0;
     const marks = svgEl("g", { class: "markers" });
     const visible = markers.filter((mk) => mk.ts_ns >= xFrom && mk.ts_ns <= xTo);
-    visible.forEach((mk, i) => {
+    const rowEnd = new Array(LABEL_ROWS).fill(-Infinity); // right end of the last label per row
+    visible.forEach((mk) => {
       const px = x(mk.ts_ns);
+      const width = 6.6 * mk.label.length + 8;
+      const anchor = px + 7 + width > W - m.r ? "end" : "start";
+      const left = anchor === "end" ? px - 7 - width : px + 7;
+      let row = rowEnd.findIndex((end) => end < left);
+      if (row < 0) row = rowEnd.indexOf(Math.min(...rowEnd)); // all taken: overlap the oldest
+      rowEnd[row] = anchor === "end" ? px : left + width;
       const g = svgEl("g", { class: `marker ${mk.kind}`, "data-kind": mk.kind, tabindex: 0 });
       g.append(svgEl("title", {}, mk.title));
       g.append(svgEl("line", { x1: px, x2: px, y1: m.t - 6, y2: H - m.b }));
@@ -350,9 +362,8 @@
           ? `M${px - 4} ${ty + 2}h8v8h-8Z`
           : `M${px - 5} ${ty + 9}L${px + 5} ${ty + 9}L${px} ${ty + 2}Z`;
       g.append(svgEl("path", { d: shape }));
-      const anchor = px > W - 80 ? "end" : "start";
       g.append(svgEl("text", {
-        x: px + (anchor === "end" ? -7 : 7), y: (i % 2 === 0 ? ty : ty - 12) + 8, "text-anchor": anchor,
+        x: px + (anchor === "end" ? -7 : 7), y: ty + 8 - 13 * row, "text-anchor": anchor,
       }, mk.label));
       marks.append(g);
       shown += 1;
@@ -456,14 +467,15 @@
       name,
       label: seriesLabel(name, tl),
       cls: name === "edge" || name === "champion" ? name : CANDIDATE_CLASSES[c++ % 3],
-      points: state.hidden.has(name) ? [] : tl.series[name].map((p) => [p.ts_ns, p.rolling ? p.rolling[metric] : null]),
+      points: state.hidden.has(name) ? [] : tl.series[name].map((p) =>
+        [p.ts_ns, p.rolling ? p.rolling[metric] : null, p.version ?? undefined]),
     }));
     const markers = markersOf(tl);
     const all = series.flatMap((s) => s.points).concat(markers.map((mk) => [mk.ts_ns, null]));
     const first = all.length ? Math.min(...all.map((p) => p[0])) : tl.now_ns;
     let xFrom = Math.max(tl.from_ns, first);
     const xTo = tl.now_ns;
-    if (xTo - xFrom < 60e9) xFrom = xTo - 60e9;
+    if (xTo - xFrom < 15e9) xFrom = xTo - 15e9;
     const values = series.flatMap((s) => s.points.map((p) => p[1])).filter(isNum);
     let yLo, yHi;
     if (PROPORTIONS.has(metric)) {
@@ -506,9 +518,9 @@
 
   // -- overview: KPIs, fleet, throughput ----------------------------------------------------
 
-  function setTile(id, text, tone) {
+  function setTile(id, text, tone, note) {
     const dd = $(id);
-    dd.textContent = text;
+    dd.replaceChildren(text, ...(note ? [el("small", { class: "note" }, note)] : []));
     if (tone) dd.dataset.tone = tone; else delete dd.dataset.tone;
   }
 
@@ -521,12 +533,16 @@
     const cur = ov.throughput.current || {};
     if (m && m.champion && m.champion.edge.n) {
       setTile("kpi-edge-acc", fmtMetric(m.primary, m.champion.edge.rolling[m.primary]));
+    } else if (m && m.champion && m.champion.cloud.n) {
+      setTile("kpi-edge-acc", "–", null,
+        `no edge-scored frames; cloud replica ${fmtMetric(m.primary, m.champion.cloud.rolling[m.primary])}`);
     } else {
-      setTile("kpi-edge-acc", "–");
+      setTile("kpi-edge-acc", "–", null, m && m.champion ? "no labelled frames yet" : "no champion yet");
     }
     const behind = ov.fleet.filter((a) => m && a.behind[m.name] !== undefined).length;
-    setTile("kpi-champion", m && m.champion ? `v${m.champion.version} · ${m.champion.learner}` +
-      (behind ? ` (${behind} behind)` : "") : "none yet", behind ? "warn" : null);
+    setTile("kpi-champion", m && m.champion ? `v${m.champion.version} · ${m.champion.learner}` : "none yet",
+      behind ? "warn" : null,
+      behind ? `${behind} agent${behind > 1 ? "s" : ""} not on it yet` : null);
     setTile("kpi-readings", fmtRate(cur.telemetry));
     setTile("kpi-frames", fmtRate(cur.frames));
     setTile("kpi-learned", fmtRate(cur.learned));
@@ -536,8 +552,8 @@
     setTile("kpi-agents", ov.fleet.length ? `${healthy} / ${ov.fleet.length}` : "no agents",
       down ? "bad" : healthy < ov.fleet.length ? "warn" : ov.fleet.length ? "ok" : null);
     const detections = m ? m.drift.detections : 0;
-    setTile("kpi-drifts", m ? String(detections) + (m.drift.pending ? " (pending)" : "") : "–",
-      m && m.drift.pending ? "warn" : null);
+    setTile("kpi-drifts", m ? String(detections) : "–", m && m.drift.pending ? "warn" : null,
+      m && m.drift.pending ? "waiting for a challenger" : null);
   }
 
   function renderFleet(ov) {
@@ -690,8 +706,11 @@
         const metric = v.metrics && v.metrics.rolling ? v.metrics.rolling[primary] : undefined;
         return el("tr", { "data-version": v.version, "data-status": v.status },
           el("th", { scope: "row" }, "v" + v.version + (v.parent ? ` ← v${v.parent}` : "")),
-          el("td", {}, v.learner),
-          el("td", { title: v.status_reason || "" }, el("span", { class: `badge ${v.status}` }, v.status.replace("_", " "))),
+          el("td", {}, v.learner, v.artifact && v.artifact.sha256
+            ? el("span", { class: "fine-inline", title: "sha256 " + v.artifact.sha256 }, " ONNX " + String(v.artifact.sha256).slice(0, 8))
+            : null),
+          el("td", {}, el("span", { class: `badge ${v.status}` }, v.status.replace("_", " ")),
+            v.status_reason ? el("span", { class: "behind" }, v.status_reason) : null),
           el("td", {}, v.reason),
           el("td", { title: fmtDateTime(v.created_ns) }, fmtDateTime(v.created_ns)),
           el("td", { class: "num" }, fmtMetric(primary, metric)),

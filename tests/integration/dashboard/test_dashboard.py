@@ -211,7 +211,9 @@ async def test_page_shows_fleet_and_drift_chart_and_rolls_back_only_with_the_tok
         )
         # the champion tile counts the agents not running it (gw-paint-2 still runs v1)
         learner_name = await _learner_of(base, promoted)
-        assert await page.text("#kpi-champion") == f"v{promoted} · {learner_name} (1 behind)"
+        assert await page.text("#kpi-champion") == (
+            f"v{promoted} · {learner_name}\n1 agent not on it yet"
+        )
 
         directory = screenshot_dir()
         if directory is not None:
