@@ -308,6 +308,7 @@
     const firstMs = Math.ceil(xFrom / 1e6 / stepMs) * stepMs;
     for (let t = firstMs; t <= xTo / 1e6; t += stepMs) {
       const px = x(t * 1e6);
+      if (px < m.l + 30) continue; // would collide with the y labels
       grid.append(svgEl("line", { class: "grid", x1: px, x2: px, y1: m.t, y2: H - m.b }));
       grid.append(svgEl("text", { x: px, y: H - 6, "text-anchor": "middle" },
         fmtTime(t * 1e6, stepMs < 60000)));
@@ -344,10 +345,13 @@
     const marks = svgEl("g", { class: "markers" });
     const visible = markers.filter((mk) => mk.ts_ns >= xFrom && mk.ts_ns <= xTo);
     const rowEnd = new Array(LABEL_ROWS).fill(-Infinity); // right end of the last label per row
-    visible.forEach((mk) => {
+    visible.forEach((mk, i) => {
       const px = x(mk.ts_ns);
       const width = 6.6 * mk.label.length + 8;
-      const anchor = px + 7 + width > W - m.r ? "end" : "start";
+      // the label goes left of its line when the next marker's line would cross it
+      const nextPx = i + 1 < visible.length ? x(visible[i + 1].ts_ns) : Infinity;
+      const crowded = nextPx - px < width + 7 && px - 7 - width > m.l;
+      const anchor = px + 7 + width > W - m.r || crowded ? "end" : "start";
       const left = anchor === "end" ? px - 7 - width : px + 7;
       let row = rowEnd.findIndex((end) => end < left);
       if (row < 0) row = rowEnd.indexOf(Math.min(...rowEnd)); // all taken: overlap the oldest
@@ -722,7 +726,7 @@
       reg.promotionsKey = pkey;
       art.querySelector("ul.promotions").replaceChildren(...promotions.slice(0, 6).map((p) =>
         el("li", {}, `${fmtDateTime(p.ts_ns)}: v${p.from_version ?? "–"} → v${p.to_version} ` +
-          `(${p.rollback ? "rollback, " : ""}${p.reason}, by ${p.actor})`)));
+          `(${p.rollback && p.reason !== "rollback" ? "rollback, " : ""}${p.reason}, by ${p.actor})`)));
     }
   }
 

@@ -144,15 +144,20 @@ class Page:
         logs = await self.call(self.driver.get_log, "browser")
         return [e["message"] for e in logs if e.get("level") == "SEVERE"]
 
-    async def screenshot(self, path: Path, height: int | None = None) -> None:
-        """A PNG of the page; ``height`` resizes the window first (the whole page in one shot)."""
+    async def screenshot(self, path: Path, *, full_page: bool = False) -> None:
+        """A PNG of the viewport, or of the whole page (the window is resized, then restored)."""
 
         def run() -> None:
-            if height is not None:
-                size = self.driver.get_window_size()
-                self.driver.set_window_size(size["width"], height)
+            size = self.driver.get_window_size()
+            if full_page:
+                self.driver.execute_script("window.scrollTo(0, 0)")
+                chrome = size["height"] - self.driver.execute_script("return window.innerHeight")
+                height = self.driver.execute_script("return document.documentElement.scrollHeight")
+                self.driver.set_window_size(size["width"], int(height) + int(chrome))
             path.parent.mkdir(parents=True, exist_ok=True)
             self.driver.save_screenshot(str(path))
+            if full_page:
+                self.driver.set_window_size(size["width"], size["height"])
 
         await self.call(run)
 

@@ -217,8 +217,7 @@ async def test_page_shows_fleet_and_drift_chart_and_rolls_back_only_with_the_tok
 
         directory = screenshot_dir()
         if directory is not None:
-            await page.screenshot(directory / "dashboard.png", height=2000)
-            await page.call(page.driver.set_window_size, 1440, 1100)
+            await page.screenshot(directory / "dashboard.png", full_page=True)
 
         # roll back without a token: 401, shown; the champion stays
         rollback = '#model-quality button[data-action="rollback"]'
@@ -297,6 +296,8 @@ async def test_page_shows_fleet_and_drift_chart_and_rolls_back_only_with_the_tok
             10,
             "the agent marked behind the champion",
         )
+        if directory is not None:
+            await page.screenshot(directory / "dashboard-rollback.png", full_page=True)
 
         # nothing came from anywhere else; no script error, no CSP violation
         origins = await page.js(
