@@ -23,12 +23,14 @@ from types import TracebackType
 from typing import IO, Self
 
 __all__ = [
+    "AmqttBroker",
     "BrokerError",
     "BrokerProcess",
     "MosquittoBroker",
     "TansuBroker",
     "find_mosquitto",
     "free_port",
+    "mqtt_broker",
     "port_is_free",
 ]
 
@@ -300,3 +302,43 @@ class MosquittoBroker(BrokerProcess):
 
     def probe(self, timeout: float) -> bool:
         return _mqtt_connack_ok(self.host, self.port, timeout)
+
+
+class AmqttBroker(BrokerProcess):
+    """The pure-Python amqtt broker (MQTT 3.1.1), for the demo where Mosquitto is not installed.
+
+    Slow (a few thousand messages/s) and without persistence: fine for the demo, not for
+    benchmarks or tests of durability.
+    """
+
+    name = "amqtt"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        import sys
+
+        conf = self._workdir / "amqtt.yaml"
+        conf.write_text(
+            "listeners:\n"
+            "  default:\n"
+            "    type: tcp\n"
+            f"    bind: {self.host}:{self.port}\n"
+            "plugins:\n"
+            "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+            "    allow_anonymous: true\n"
+        )
+        script = Path(sys.executable).with_name("amqtt")
+        return [str(script), "-c", str(conf)]
+
+    def probe(self, timeout: float) -> bool:
+        return _mqtt_connack_ok(self.host, self.port, timeout)
+
+
+def mqtt_broker(port: int | None = None) -> MosquittoBroker | AmqttBroker:
+    """Mosquitto when it is installed, else the pure-Python amqtt (not yet started)."""
+    if find_mosquitto() is not None:
+        return MosquittoBroker(port)
+    return AmqttBroker(port)
