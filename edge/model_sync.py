@@ -317,6 +317,8 @@ class ModelSync:
                     enable_auto_commit=False,
                     metadata_max_age_ms=2000,
                     request_timeout_ms=10_000,
+                    # a manifest is tiny and rare: answer fetches fast rather than fill them
+                    fetch_max_wait_ms=50,
                 )
                 self._consumer = consumer
                 await consumer.start()
