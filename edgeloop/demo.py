@@ -259,7 +259,11 @@ async def run_demo(
         speed=speed,
         drift_at=drift_at,
         promotion=promotion,
-        extra_cloud={"api": {"port": port}},
+        # a wider promotion window than the e2e test's: a challenger has to prove itself over
+        # 200 parts, which leaves ADWIN (a little more sensitive than river's default) the
+        # samples it needs to see the drift in the deployed model's error stream first
+        promotion_window=200,
+        extra_cloud={"api": {"port": port}, "drift": {"params": {"delta": 0.01}}},
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
