@@ -230,8 +230,19 @@ class ModelSyncConfig(ConfigModel):
     watch_frames: int = Field(200, ge=0, description="frames watched after a swap")
     watch_min_frames: int = Field(10, ge=1)
     watch_max_nan_rate: float = Field(0.05, ge=0, le=1)
+    watch_error_margin: float | None = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="roll back when the new model's error rate against edge labels exceeds the "
+        "previous model's (its last watch_labels labelled frames) by more than this plus two "
+        "standard errors; null: off",
+    )
     watch_max_error_rate: float | None = Field(
-        None, ge=0, le=1, description="roll back past this error rate against edge labels"
+        None, ge=0, le=1, description="roll back past this absolute error rate (null: off)"
+    )
+    watch_labels: int = Field(
+        100, ge=1, description="labelled frames judged after a swap (and kept as the baseline)"
     )
     watch_min_labels: int = Field(30, ge=1)
 

@@ -79,13 +79,40 @@ class ModelSyncError(Exception):
 
 
 class LabelExtractor:
-    """Readings of a key tag and a target tag with the same (asset, ts) -> one ``Label``."""
+    """Readings of a key tag and a target tag with the same (asset, ts) -> one ``Label``.
+
+    A message that cannot become a label is skipped and counted, never fatal: ``missing_key``
+    (a target without a key reading, or an empty key), ``missing_target`` (a key without a
+    target reading), ``invalid`` (a target that is neither bool nor a finite number, nor a
+    string spelling one: "true"/"false", "1.5"). ``skipped`` has the three counts together;
+    the first of each kind per connector is logged with the offending message.
+    """
 
     def __init__(self, configs: Sequence[LabelConfig]) -> None:
         self.by_connector: dict[str, list[LabelConfig]] = {}
         for c in configs:
             self.by_connector.setdefault(c.connector, []).append(c)
-        self.invalid = 0  # target values that were neither bool nor a number
+        self.invalid = 0  # target values that were neither bool nor a finite number
+        self.missing_key = 0
+        self.missing_target = 0
+        self.extracted = 0
+        self._logged: set[tuple[str, str]] = set()
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {
+            "missing_key": self.missing_key,
+            "missing_target": self.missing_target,
+            "invalid": self.invalid,
+        }
+
+    def _skip(self, connector: str, kind: str, detail: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        if (connector, kind) not in self._logged:
+            self._logged.add((connector, kind))
+            log.warning(
+                "labels from %s: %s skipped (%s; counted from now on)", connector, kind, detail
+            )
 
     def extract(self, connector: str, readings: Sequence[Reading]) -> list[Label]:
         specs = self.by_connector.get(connector)
@@ -100,22 +127,63 @@ class LabelExtractor:
                     keys[(r.asset, r.ts_ns)] = r.value
                 elif r.tag == spec.target_tag:
                     targets[(r.asset, r.ts_ns)] = r.value
+            if not keys and not targets:
+                continue
+            for at in targets.keys() - keys.keys():
+                if _matches(at[0], spec.assets):
+                    self._skip(connector, "missing_key", f"asset {at[0]}: no {spec.key_tag!r}")
             for (asset, ts), value in keys.items():
-                if (asset, ts) not in targets or value in (None, ""):
+                if not _matches(asset, spec.assets):
                     continue
-                if not any(fnmatch.fnmatchcase(asset, p) for p in spec.assets):
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    if (asset, ts) in targets:
+                        self._skip(
+                            connector, "missing_key", f"asset {asset}: empty {spec.key_tag!r}"
+                        )
                     continue
-                target = targets[(asset, ts)]
-                if isinstance(target, str):
-                    low = target.strip().lower()
-                    target = {"true": True, "false": False, "1": 1, "0": 0}.get(low, target)
-                if not isinstance(target, bool | int | float) or (
-                    isinstance(target, float) and math.isnan(target)
-                ):
-                    self.invalid += 1
+                if (asset, ts) not in targets:
+                    self._skip(
+                        connector,
+                        "missing_target",
+                        f"asset {asset} {spec.key_tag}={value!r}: no {spec.target_tag!r}",
+                    )
+                    continue
+                target = _target(targets[(asset, ts)])
+                if target is None:
+                    self._skip(
+                        connector,
+                        "invalid",
+                        f"asset {asset} {spec.key_tag}={value!r}: {spec.target_tag}="
+                        f"{targets[(asset, ts)]!r} is neither bool nor a finite number",
+                    )
                     continue
                 out.append(Label(asset, spec.key.format(asset=asset, value=value), ts, target))
+        self.extracted += len(out)
         return out
+
+
+def _matches(asset: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(asset, p) for p in patterns)
+
+
+def _target(value: Any) -> bool | int | float | None:
+    """A label target: bool, a finite number, or a string spelling one; None otherwise."""
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            return low == "true"
+        try:
+            value = int(low)
+        except ValueError:
+            try:
+                value = float(low)
+            except ValueError:
+                return None
+    if isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return None
 
 
 @dataclass
@@ -150,11 +218,75 @@ class _Shadow:
 @dataclass
 class _Watch:
     version: int
+    classifier: bool
+    baseline_version: int | None = None
+    baseline_labelled: int = 0  # the previous model's last watch_labels labelled frames
+    baseline_wrong: int = 0
     frames: int = 0
     nan: int = 0
     labelled: int = 0
     wrong: int = 0
-    predictions: OrderedDict[tuple[str, str], float] = field(default_factory=OrderedDict)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "frames": self.frames,
+            "nan": self.nan,
+            "labelled": self.labelled,
+            "error_rate": self.wrong / self.labelled if self.labelled else None,
+            "baseline_version": self.baseline_version,
+            "baseline_labelled": self.baseline_labelled,
+            "baseline_error_rate": (
+                self.baseline_wrong / self.baseline_labelled if self.baseline_labelled else None
+            ),
+        }
+
+
+class _Outcomes:
+    """The edge's own predictions joined with its own labels by (asset, key), per version.
+
+    Every scored frame is remembered (bounded, oldest first out) until its label arrives; a
+    labelled prediction becomes one outcome (wrong or not) of the model version that made it.
+    The last ``window`` outcomes of each version are kept: the previous model's are the
+    baseline a freshly swapped-in model is compared with.
+    """
+
+    def __init__(self, window: int, pending: int = 20_000) -> None:
+        self.window = window
+        self.max_pending = pending
+        self.pending: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        self.by_version: dict[int, deque[bool]] = {}
+
+    def predicted(self, frames: Sequence[Frame]) -> None:
+        for f in frames:
+            if f.prediction is None or f.model_version is None:
+                continue
+            self.pending[(f.asset, f.key)] = (f.model_version, f.prediction)
+        while len(self.pending) > self.max_pending:
+            self.pending.popitem(last=False)
+
+    def labelled(self, labels: Sequence[Label]) -> list[tuple[int, bool]]:
+        """(version, wrong) for each label that matches a remembered prediction."""
+        out: list[tuple[int, bool]] = []
+        for lab in labels:
+            hit = self.pending.pop((lab.asset, lab.key), None)
+            if hit is None:
+                continue
+            version, pred = hit
+            wrong = abs(pred - float(lab.target)) > 0.5
+            window = self.by_version.get(version)
+            if window is None:
+                window = self.by_version[version] = deque(maxlen=self.window)
+                while len(self.by_version) > 4:  # the active, the previous and a little history
+                    del self.by_version[min(self.by_version)]
+            window.append(wrong)
+            out.append((version, wrong))
+        return out
+
+    def last(self, version: int) -> tuple[int, int]:
+        """(labelled, wrong) over the version's last ``window`` labelled frames."""
+        window = self.by_version.get(version)
+        return (0, 0) if window is None else (len(window), sum(window))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -188,6 +320,8 @@ class ModelSync:
         self._shadow: _Shadow | None = None
         self._shadow_done = asyncio.Event()
         self._watch: _Watch | None = None
+        self.outcomes = _Outcomes(config.watch_labels)
+        self.last_watch: dict[str, Any] | None = None
         self.refused: dict[str, str] = {}  # "v<version>:<sha>" -> reason (persisted)
         self.history: deque[dict[str, Any]] = deque(maxlen=50)
         self.state = "idle"  # idle | downloading | shadow | watching
@@ -572,9 +706,14 @@ class ModelSync:
         shadow = self._shadow
         if shadow is not None and pending:
             self._shadow_tick(shadow, pending, frames)
+        outcomes: list[tuple[int, bool]] = []
+        if self.agent.label_extractor.by_connector:
+            self.outcomes.predicted(frames)
+            if labels:
+                outcomes = self.outcomes.labelled(labels)
         watch = self._watch
         if watch is not None:
-            self._watch_tick(watch, frames, labels)
+            self._watch_tick(watch, frames, outcomes)
 
     def _shadow_tick(
         self, shadow: _Shadow, pending: Sequence[PendingFrame], frames: Sequence[Frame]
@@ -615,7 +754,9 @@ class ModelSync:
         if shadow.frames >= self.config.shadow_frames:
             self._shadow_done.set()
 
-    def _watch_tick(self, watch: _Watch, frames: Sequence[Frame], labels: Sequence[Label]) -> None:
+    def _watch_tick(
+        self, watch: _Watch, frames: Sequence[Frame], outcomes: Sequence[tuple[int, bool]]
+    ) -> None:
         current = self.agent.slot.current
         if current is None or current.version != watch.version:
             self._watch = None
@@ -624,20 +765,12 @@ class ModelSync:
             if f.model_version != watch.version:
                 continue
             watch.frames += 1
-            if f.prediction is None:
-                if not f.marks:  # an unmarked frame scored to nothing: NaN from the model
-                    watch.nan += 1
-            else:
-                watch.predictions[(f.asset, f.key)] = f.prediction
-                if len(watch.predictions) > 10_000:
-                    watch.predictions.popitem(last=False)
-        for lab in labels:
-            pred = watch.predictions.pop((lab.asset, lab.key), None)
-            if pred is None:
-                continue
-            watch.labelled += 1
-            if abs(pred - float(lab.target)) > 0.5:
-                watch.wrong += 1
+            if f.prediction is None and not f.marks:
+                watch.nan += 1  # an unmarked frame scored to nothing: NaN from the model
+        for version, wrong in outcomes:
+            if version == watch.version:
+                watch.labelled += 1
+                watch.wrong += wrong
         cfg = self.config
         reason = ""
         if (
@@ -648,29 +781,62 @@ class ModelSync:
                 f"NaN rate {watch.nan}/{watch.frames} above watch_max_nan_rate "
                 f"{cfg.watch_max_nan_rate}"
             )
-        elif (
-            cfg.watch_max_error_rate is not None
-            and watch.labelled >= cfg.watch_min_labels
-            and watch.wrong / watch.labelled > cfg.watch_max_error_rate
-        ):
-            reason = (
-                f"error rate {watch.wrong}/{watch.labelled} against edge labels above "
-                f"watch_max_error_rate {cfg.watch_max_error_rate}"
-            )
+        elif watch.classifier and watch.labelled >= cfg.watch_min_labels:
+            reason = self._error_verdict(watch)
         if reason:
             self._auto_rollback(watch, reason)
-        elif watch.frames >= cfg.watch_frames and (
-            cfg.watch_max_error_rate is None or watch.labelled >= cfg.watch_min_labels
+            return
+        labels_done = (
+            not watch.classifier
+            or not self.agent.label_extractor.by_connector
+            or (cfg.watch_max_error_rate is None and cfg.watch_error_margin is None)
+            or watch.labelled >= cfg.watch_labels
+        )
+        if watch.frames >= cfg.watch_frames and (
+            labels_done or watch.frames >= _WATCH_FRAMES_CAP * cfg.watch_frames
         ):
-            log.info("model v%d passed its watch (%d frames)", watch.version, watch.frames)
+            if not labels_done:
+                log.warning(
+                    "model v%d: only %d labelled frames after %d frames; watch ended without "
+                    "a full error-rate check",
+                    watch.version,
+                    watch.labelled,
+                    watch.frames,
+                )
+            log.info("model v%d passed its watch: %s", watch.version, watch.report())
+            self.last_watch = {"outcome": "passed", **watch.report()}
             self._watch = None
             self.state = "idle"
+
+    def _error_verdict(self, watch: _Watch) -> str:
+        """Why the watched model's error rate calls for a rollback ("" if it does not)."""
+        cfg = self.config
+        n1, p1 = watch.labelled, watch.wrong / watch.labelled
+        if cfg.watch_max_error_rate is not None and p1 > cfg.watch_max_error_rate:
+            return (
+                f"error rate {watch.wrong}/{n1} ({p1:.3f}) against edge labels above "
+                f"watch_max_error_rate {cfg.watch_max_error_rate}"
+            )
+        n0 = watch.baseline_labelled
+        if cfg.watch_error_margin is None or n0 < cfg.watch_min_labels:
+            return ""
+        p0 = watch.baseline_wrong / n0
+        se = math.sqrt(p1 * (1 - p1) / n1 + p0 * (1 - p0) / n0)
+        if p1 - p0 > cfg.watch_error_margin + _WATCH_Z * se:
+            return (
+                f"error rate {watch.wrong}/{n1} ({p1:.3f}) against edge labels exceeds "
+                f"v{watch.baseline_version}'s {watch.baseline_wrong}/{n0} ({p0:.3f}) by more "
+                f"than watch_error_margin {cfg.watch_error_margin} + {_WATCH_Z:g} standard "
+                f"errors ({se:.3f})"
+            )
+        return ""
 
     def _auto_rollback(self, watch: _Watch, reason: str) -> None:
         slot = self.agent.slot
         bad = slot.current
         assert bad is not None
         self._watch = None
+        self.last_watch = {"outcome": "rolled_back", "reason": reason, **watch.report()}
         self.refused[self._rkey(bad.manifest)] = f"rolled back: {reason}"
         if slot.previous is None:
             # nothing to go back to: run without a model rather than with a broken one
@@ -679,8 +845,9 @@ class ModelSync:
             slot.fail(f"model v{bad.version} rolled back ({reason}); no previous model")
             self.agent.metrics.model_version.set(0)
         else:
-            slot.rollback()
-            self.agent.metrics.model_version.set(slot.current.version)  # type: ignore[union-attr]
+            back = slot.rollback()
+            self.agent.frames.use_model_features(back.features)
+            self.agent.metrics.model_version.set(back.version)
         self._save_state()
         kind = "nan" if reason.startswith("NaN") else "error"
         _ROLLBACKS.labels(self.agent.agent_id, kind).inc()
@@ -702,7 +869,13 @@ class ModelSync:
                     now_ns(),
                     Severity.CRITICAL,
                     f"model {bad.manifest.name} v{bad.version} rolled back to v{now}: {reason}",
-                    {"model": bad.manifest.name, "from": bad.version, "to": now, "reason": reason},
+                    {
+                        "model": bad.manifest.name,
+                        "from": bad.version,
+                        "to": now,
+                        "reason": reason,
+                        "watch": watch.report(),
+                    },
                 )
             ]
         )
@@ -716,8 +889,17 @@ class ModelSync:
         self.agent.frames.use_model_features(model.features)
         self.agent.metrics.model_version.set(model.version)
         if persist:
+            # a signed rollback is the operator's call: NaN and absolute checks only
+            replaced = self.agent.slot.previous if swap and not model.manifest.rollback else None
             self._save_state()
-            self._watch = _Watch(model.version) if self.config.watch_frames > 0 else None
+            self._watch = None
+            if self.config.watch_frames > 0:
+                watch = _Watch(model.version, model.manifest.kind == "classifier")
+                if replaced is not None:
+                    watch.baseline_version = replaced.version
+                    n, wrong = self.outcomes.last(replaced.version)
+                    watch.baseline_labelled, watch.baseline_wrong = n, wrong
+                self._watch = watch
             self.swaps += 1
         log.info("model %s v%d active", model.manifest.name, model.version)
 
@@ -777,10 +959,18 @@ class ModelSync:
             "shadow": shadow.report() if shadow is not None else None,
             "last_refusal": self.last_refusal,
             "last_rollback": self.last_rollback,
+            "watch": self._watch.report() if self._watch is not None else None,
+            "last_watch": self.last_watch,
+            "labels": {
+                "extracted": self.agent.label_extractor.extracted,
+                **self.agent.label_extractor.skipped,
+            },
         }
 
 
 _OUTCOMES = ("swapped", "refused", "rolled_back")
+_WATCH_Z = 2.0  # standard errors on top of watch_error_margin: noise does not roll back
+_WATCH_FRAMES_CAP = 10  # a watch waiting for labels ends after this many watch_frames
 
 
 def _sha256(blob: bytes) -> str:
