@@ -117,12 +117,19 @@ def nan_model(features: int = 2, *, above: float | None = None) -> bytes:
 
 
 class Feeder:
-    """Offers one asset's readings to the agent every 20 ms; ``x`` can be forced."""
+    """Offers one asset's readings to the agent every 20 ms; ``x`` can be forced.
 
-    def __init__(self, agent: Agent, seed: int = 3) -> None:
+    ``labelled``: each cycle is also a part (``part_counter``), and the quality station's
+    verdict on the previous part (``part_id``, ``defect`` = ``x + y > 0``) arrives on the
+    ``quality`` connector one cycle later, as one MQTT message expanded into fields would.
+    """
+
+    def __init__(self, agent: Agent, seed: int = 3, *, labelled: bool = False) -> None:
         self.agent = agent
         self.rng = random.Random(seed)
         self.force_x: float | None = None
+        self.labelled = labelled
+        self.parts = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -136,13 +143,25 @@ class Feeder:
             self._task = None
 
     async def _run(self) -> None:
+        verdict: list[Reading] = []
         while True:
             ts = now_ns()
             x = self.force_x if self.force_x is not None else self.rng.uniform(-1, 1)
-            self.agent.ingest(
-                "feed",
-                [Reading("a1", "x", ts, x), Reading("a1", "y", ts, self.rng.uniform(-1, 1))],
-            )
+            y = self.rng.uniform(-1, 1)
+            readings = [Reading("a1", "x", ts, x), Reading("a1", "y", ts, y)]
+            if self.labelled:
+                self.parts += 1
+                # the counter moving cuts the frame of part n (x, y above): key "a1-<n>"
+                readings.append(Reading("a1", "part_counter", ts, self.parts))
+            self.agent.ingest("feed", readings)
+            if verdict:
+                self.agent.ingest("quality", verdict)
+            if self.labelled:
+                qts = ts + 1
+                verdict = [
+                    Reading("a1", "part_id", qts, f"a1-{self.parts}"),
+                    Reading("a1", "defect", qts, x + y > 0),
+                ]
             await asyncio.sleep(0.02)
 
 
@@ -174,7 +193,11 @@ def cloud_config(tmp: Path, bootstrap: str, prefix: str, key: Path) -> CloudConf
     )
 
 
-def edge_config(tmp: Path, bootstrap: str, prefix: str, pub: Path, **sync: Any) -> Any:
+def edge_config(
+    tmp: Path, bootstrap: str, prefix: str, pub: Path, *, labelled: bool = False, **sync: Any
+) -> Any:
+    """Period-triggered frames; ``labelled``: one frame per part plus labels from ``quality``."""
+    trigger: dict[str, Any] = {"tag": "part_counter"} if labelled else {"period": 0.05}
     doc = {
         "agent_id": "gw-1",
         "state_dir": str(tmp / "edge"),
@@ -182,10 +205,26 @@ def edge_config(tmp: Path, bootstrap: str, prefix: str, pub: Path, **sync: Any) 
         "frames": [
             {
                 "asset": "a1",
-                "trigger": {"period": 0.05},
+                "trigger": trigger,
                 "features": [{"tag": "x", "aggs": ["last"]}, {"tag": "y", "aggs": ["last"]}],
             }
         ],
+        # the quality station's messages are offered by the feeder through Agent.ingest; the
+        # connector entry names the source (an idle synthetic one: labels need a configured one)
+        "connectors": (
+            [
+                {
+                    "name": "quality",
+                    "kind": "synthetic",
+                    "assets": ["station"],
+                    "interval": 3600,
+                    "counter_tag": None,
+                }
+            ]
+            if labelled
+            else []
+        ),
+        "labels": [{"connector": "quality"}] if labelled else [],
         "uplink": {"bootstrap_servers": bootstrap, "topic_prefix": prefix, "linger_ms": 5},
         "http": {"port": None},
         "models": {
@@ -206,8 +245,9 @@ def edge_config(tmp: Path, bootstrap: str, prefix: str, pub: Path, **sync: Any) 
 class Rig:
     """Cloud + agent + feeder. ``async with Rig(tmp, bootstrap) as rig: ...``."""
 
-    def __init__(self, tmp: Path, bootstrap: str, **sync: Any) -> None:
+    def __init__(self, tmp: Path, bootstrap: str, *, labelled: bool = False, **sync: Any) -> None:
         self.tmp = tmp
+        self.labelled = labelled
         self.bootstrap = bootstrap
         self.prefix = f"dl-{uuid.uuid4().hex[:8]}"
         self.key, self.pub = keypair(tmp / "keys")
@@ -231,10 +271,12 @@ class Rig:
 
     async def start_agent(self) -> Agent:
         self.agent = Agent(
-            edge_config(self.tmp, self.bootstrap, self.prefix, self.pub, **self.sync)
+            edge_config(
+                self.tmp, self.bootstrap, self.prefix, self.pub, labelled=self.labelled, **self.sync
+            )
         )
         await self.agent.start()
-        self.feeder = Feeder(self.agent)
+        self.feeder = Feeder(self.agent, labelled=self.labelled)
         self.feeder.start()
         return self.agent
 
