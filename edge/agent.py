@@ -5,7 +5,11 @@ delivered since the last tick, updates asset state, cuts the frames that are due
 in one model call, evaluates rules for the assets that changed (and those with a pending or
 active rule), writes readings, frames and events to the outbox in ONE transaction, and only then
 runs rule actions and wakes the uplink. Nothing leaves the agent (no write-back, no Kafka send)
-for data the outbox does not hold.
+for data the outbox does not hold, and nothing is acknowledged upstream before it is durable:
+connectors that acknowledge their source (MQTT QoS 1/2) are given an acking sink
+(:mod:`protocols.base`) and their callbacks run right after the commit that holds their readings;
+a reading refused by the bounded queue is reported back as not durable (the MQTT connector then
+reconnects so the broker redelivers it).
 
 Connectors deliver into an in-memory list bounded by ``queue_size`` readings; beyond it readings
 are dropped and counted (``edgeloop_edge_queue_dropped_total``): that only happens when the disk
@@ -36,12 +40,16 @@ from edge.outbox import Outbox, OutboxError
 from edge.rules import ActionRunner, Firing, RuleEngine
 from edge.synthetic import SyntheticConfig, SyntheticConnector
 from edge.uplink import Uplink
-from protocols.base import Connector, ConnectorState, load_connector_class
+from protocols.base import Connector, ConnectorState, DurableCallback, load_connector_class
 from shared.records import Frame, Heartbeat, Label, Reading, Record, now_ns
 
 __all__ = ["Agent", "build_connector"]
 
 log = logging.getLogger(__name__)
+
+
+def _noop(ok: bool) -> None:
+    return None
 
 
 def build_connector(config: Any) -> Connector[Any]:
@@ -90,6 +98,10 @@ class Agent:
         self._queue: list[tuple[str, Sequence[Reading]]] = []
         self._queued = 0
         self._carry: list[Record] = []
+        # durability callbacks of the queued readings (connectors that ack upstream, e.g. MQTT
+        # QoS 1), called after the outbox transaction holding those readings committed
+        self._waiters: list[DurableCallback] = []
+        self._carry_waiters: list[DurableCallback] = []
         self._last_frame: dict[str, Frame] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -120,7 +132,7 @@ class Agent:
                 await self.model_sync.start()  # a persisted delivered model replaces the above
             await self.actions.start()
             for name, conn in self.connectors.items():
-                conn.set_sink(self._make_sink(name))
+                conn.set_sink(self._make_sink(name), acking=True)
                 await conn.start()
             await self.uplink.start()
             if self.http is not None:
@@ -227,19 +239,30 @@ class Agent:
     # --- ingest -------------------------------------------------------------------------
 
     def _make_sink(self, name: str) -> Any:
-        def sink(readings: Sequence[Reading]) -> None:
+        def sink(readings: Sequence[Reading], on_durable: DurableCallback = _noop) -> None:
             n = len(readings)
             if self._queued + n > self.config.queue_size:
                 self.metrics.queue_dropped(name, n)
+                on_durable(False)
                 return
             self._queue.append((name, readings))
             self._queued += n
+            if on_durable is not _noop:
+                self._waiters.append(on_durable)
 
         return sink
 
     def ingest(self, connector: str, readings: Sequence[Reading]) -> None:
         """Offer readings as if ``connector`` had delivered them (bounded like a connector)."""
         self._make_sink(connector)(readings)
+
+    @staticmethod
+    def _notify(waiters: list[DurableCallback], ok: bool) -> None:
+        for done in waiters:
+            try:
+                done(ok)
+            except Exception:
+                log.exception("a connector's durability callback raised")
 
     # --- the tick -----------------------------------------------------------------------
 
@@ -257,6 +280,8 @@ class Agent:
 
     async def _tick(self) -> None:
         queue, self._queue, self._queued = self._queue, [], 0
+        waiters, self._waiters = self._carry_waiters + self._waiters, []
+        self._carry_waiters = []
         now = time.monotonic()
         readings: list[Reading] = []
         labels: list[Label] = []
@@ -288,12 +313,18 @@ class Agent:
         emitted, self._emitted = self._emitted, []
         records: list[Record] = [*self._carry, *readings, *frames, *labels, *events, *emitted]
         if not records:
+            self._notify(waiters, True)
             return
         try:
             await self.outbox.append(records)
         except OutboxError:
             self._carry = records[-self.config.queue_size :]
+            if len(records) > self.config.queue_size:
+                self._notify(waiters, False)  # some were cut from the carry: get them resent
+            else:
+                self._carry_waiters = waiters  # acked once the carry is committed
             raise
+        self._notify(waiters, True)  # durable now: connectors may acknowledge upstream
         if self._carry:  # readings of an earlier tick whose write failed are in now
             self.accepted_readings += sum(1 for r in self._carry if type(r) is Reading)
         self._carry = []

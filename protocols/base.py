@@ -5,6 +5,16 @@ with idempotent ``start()``/``stop()``, delivers normalised :class:`~shared.reco
 batches to a sink (or to ``async for batch in connector.stream()``), performs ``write(tag, value)``
 for actions, and reports a :class:`ConnectorStatus`.
 
+Acknowledging upstream only once readings are durable: a connector whose source needs an
+acknowledgement (MQTT QoS 1/2 PUBACK) passes ``on_durable`` to ``_emit``. A sink registered with
+``set_sink(sink, acking=True)`` takes that callback as a second argument and calls it once, on the
+event loop, with ``True`` when the readings are durable (the agent: after the outbox transaction
+holding them committed) or ``False`` when they were refused (queue overflow) or lost before
+commit, so the connector must not acknowledge and should make the source redeliver. A plain sink
+(``acking=False``, the default; every sink written before this existed) is treated as durable
+when it returns, as is ``stream()`` delivery. Connectors with nothing to acknowledge (Modbus,
+OPC UA) never pass ``on_durable`` and see no change.
+
 Policy is not the connector's business: the agent chooses the sink (and so buffering and
 overflow), and whether to start when a device is down. The connector only reconnects, with the
 backoff its config states (:class:`BackoffConfig`: 0.1 s doubling to 30 s with 10 % jitter by
@@ -38,6 +48,7 @@ from shared.config import ConfigModel
 from shared.records import Reading, Value
 
 __all__ = [
+    "AckingSink",
     "Backoff",
     "BackoffConfig",
     "Connector",
@@ -45,6 +56,7 @@ __all__ = [
     "ConnectorError",
     "ConnectorState",
     "ConnectorStatus",
+    "DurableCallback",
     "ReadingSink",
     "WriteError",
     "available_connectors",
@@ -52,6 +64,9 @@ __all__ = [
 ]
 
 ReadingSink = Callable[[Sequence[Reading]], None]
+#: called once with True (durable: acknowledge upstream) or False (refused/lost: do not)
+DurableCallback = Callable[[bool], None]
+AckingSink = Callable[[Sequence[Reading], DurableCallback], None]
 
 READINGS = Counter(
     "edgeloop_connector_readings_total", "Readings delivered by a connector", ["connector", "kind"]
@@ -169,6 +184,7 @@ class Connector(ABC, Generic[C]):
         self.name = config.name
         self.backoff = Backoff(config.backoff)
         self._sink: ReadingSink | None = None
+        self._acking_sink: AckingSink | None = None
         self._queue: asyncio.Queue[list[Reading]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._status = ConnectorStatus(ConnectorState.STOPPED)
@@ -183,9 +199,23 @@ class Connector(ABC, Generic[C]):
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def set_sink(self, sink: ReadingSink | None) -> None:
-        """Deliver readings to ``sink`` (called on the event loop; must not block)."""
-        self._sink = sink
+    def set_sink(self, sink: ReadingSink | AckingSink | None, *, acking: bool = False) -> None:
+        """Deliver readings to ``sink`` (called on the event loop; must not block).
+
+        With ``acking=True`` the sink is an :data:`AckingSink`: it is called as
+        ``sink(readings, on_durable)`` and reports durability through ``on_durable`` (see the
+        module doc); a connector that has nothing to acknowledge passes a no-op.
+        """
+        if acking:
+            self._acking_sink = sink  # type: ignore[assignment]
+            self._sink = self._plain_to_acking
+        else:
+            self._acking_sink = None
+            self._sink = sink  # type: ignore[assignment]
+
+    def _plain_to_acking(self, readings: Sequence[Reading]) -> None:
+        assert self._acking_sink is not None
+        self._acking_sink(readings, _durable_noop)
 
     async def start(self) -> None:
         """Start the connector's loop. Returns at once; connecting happens in the background.
@@ -280,16 +310,29 @@ class Connector(ABC, Generic[C]):
             attempts=self.backoff.attempts,
         )
 
-    def _emit(self, readings: Sequence[Reading]) -> None:
+    def _emit(self, readings: Sequence[Reading], on_durable: DurableCallback | None = None) -> None:
+        """Hand ``readings`` to the sink (or the ``stream()`` queue).
+
+        ``on_durable`` (optional) is called once with True when the readings may be acknowledged
+        upstream, False when they must not be; with a plain sink or ``stream()`` that is right
+        after delivery. If the sink raises, it is not called (the caller sees the exception).
+        """
         if not readings:
+            if on_durable is not None:
+                on_durable(True)
             return
         n = len(readings)
         self.readings_total += n
         self._m_readings.inc(n)
+        if on_durable is not None and self._acking_sink is not None:
+            self._acking_sink(readings, on_durable)
+            return
         if self._sink is not None:
             self._sink(readings)
         elif self._queue is not None:
             self._queue.put_nowait(list(readings))
+        if on_durable is not None:
+            on_durable(True)
 
     def _malformed(self, reason: str) -> None:
         """Count an input that could not be turned into a reading (never fatal)."""
@@ -314,6 +357,10 @@ class Connector(ABC, Generic[C]):
     @abstractmethod
     async def write(self, tag: str, value: Value) -> None:
         """Write ``value`` to ``tag`` on the device; raise :class:`WriteError` on refusal."""
+
+
+def _durable_noop(ok: bool) -> None:
+    return None
 
 
 def available_connectors() -> dict[str, Any]:

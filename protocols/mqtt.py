@@ -3,13 +3,18 @@
 Data flow: broker -> paho ``loop_read`` (called from an ``add_reader`` callback, draining every
 complete packet the socket holds) -> ``on_message`` routes the topic to a subscription (a cached
 topic -> (asset, tag) lookup), parses the payload and appends readings to a pending batch -> one
-``call_soon`` flush per event-loop iteration hands the whole batch to the sink -> then the QoS 1/2
-messages of that batch are acknowledged (paho ``manual_ack``).
+``call_soon`` flush per event-loop iteration hands the whole batch to the sink -> the QoS 1/2
+messages of that batch are acknowledged (paho ``manual_ack``) once the sink reports them durable:
+under the agent (an acking sink, see :mod:`protocols.base`) that is after the outbox transaction
+holding them committed, so a crash before the commit leaves them unacknowledged and the broker
+redelivers them.
 
 Delivery guarantee: QoS 1 subscriptions are at-least-once into the sink, across broker restarts,
 connection losses and agent restarts (persistent session: ``clean_session=False`` on 3.1.1, a
-session expiry interval on 5; the PUBACK is sent only after the sink returned). A message can be
-handed to the sink twice when the link drops between the sink call and the PUBACK. QoS 2 is
+session expiry interval on 5; the PUBACK is sent only after the readings are durable: the agent's
+outbox commit, or the return of a plain sink). A message can be handed to the sink twice when the
+link drops (or the process dies) between the commit and the PUBACK, and when the agent refuses a
+batch (queue full): the connector then drops the connection so the broker redelivers. QoS 2 is
 exactly-once while the process lives; paho keeps the QoS 2 receive state in memory, so a crash
 between PUBREC and PUBREL loses that message (use QoS 1 when the agent may crash). QoS 0 is
 at-most-once.
@@ -755,6 +760,8 @@ class MqttConnector(Connector[MqttConfig]):
         self._flush_handle: asyncio.Handle | None = None
         self._dead = _DeadLetterStore(config.dead_letter)
         self.messages_total = 0
+        self.acked_total = 0  # QoS 1/2 messages acknowledged (after they were durable)
+        self.refusals = 0  # batches refused downstream (not acked, redelivered)
 
     @staticmethod
     def _parser(s: Subscription) -> Callable[[bytes, int], list[Sample]]:
@@ -899,26 +906,59 @@ class MqttConnector(Connector[MqttConfig]):
         self._dead.add(topic, payload, reason)
 
     def _flush(self) -> None:
-        """Hand the pending batch to the sink, then acknowledge its QoS 1/2 messages."""
+        """Hand the pending batch to the sink; acknowledge its QoS 1/2 messages once durable.
+
+        The acks go out from the sink's ``on_durable`` callback (at once for a plain sink; after
+        the outbox commit for the agent), and only on the connection the messages came in on:
+        after a reconnect the broker redelivers them under possibly reused packet ids.
+        """
         handle, self._flush_handle = self._flush_handle, None
         if handle is not None:
             handle.cancel()
         batch, self._pending = self._pending, []
         acks, self._acks = self._acks, []
-        if batch:
-            try:
-                self._emit(batch)
-            except Exception:  # unacked: the broker redelivers after a reconnect
-                self._m_errors.inc()
-                log.exception(
-                    "mqtt connector %r: sink raised; %d messages not acked", self.name, len(acks)
-                )
-                return
         link = self._link
-        if link is not None and link.connected:
+        conn = None if link is None else link.lost
+        on_durable = functools.partial(self._durable, acks, link, conn) if acks else None
+        if not batch:
+            if on_durable is not None:
+                on_durable(True)  # only malformed messages: dead-lettered, nothing to keep
+            return
+        try:
+            self._emit(batch, on_durable)
+        except Exception:  # unacked: the broker redelivers after a reconnect
+            self._m_errors.inc()
+            log.exception(
+                "mqtt connector %r: sink raised; %d messages not acked", self.name, len(acks)
+            )
+
+    def _durable(
+        self,
+        acks: list[tuple[int, int]],
+        link: MqttLink | None,
+        conn: asyncio.Future[str] | None,
+        ok: bool,
+    ) -> None:
+        if link is None or link is not self._link or conn is None or link.lost is not conn:
+            return  # that connection is gone: the broker redelivers on the new one
+        if not ok:
+            # refused downstream (the agent's queue is full): do not ack; drop the connection so
+            # the broker redelivers these messages (persistent session) after the backoff
+            self.refusals += 1
+            if not conn.done():
+                log.warning(
+                    "mqtt connector %r: %d messages refused downstream; reconnecting for "
+                    "redelivery",
+                    self.name,
+                    len(acks),
+                )
+                conn.set_result("readings refused downstream; reconnecting for redelivery")
+            return
+        if link.connected:
             ack = link.client.ack
             for mid, qos in acks:
                 ack(mid, qos)
+            self.acked_total += len(acks)
 
     # --- actions --------------------------------------------------------------------------
 
