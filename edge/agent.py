@@ -17,7 +17,11 @@ cannot keep up, and the drop happens where it costs least (before any processing
 
 The agent keeps running without a model, and when the model cannot be loaded (corrupt file, wrong
 inputs): it logs why, reports ``degraded`` on ``/healthz`` and in ``edgeloop_edge_degraded``, and
-goes on building frames (unscored), firing rules and buffering.
+goes on building frames (unscored), firing rules and buffering. A model that loads but raises
+when scoring (some inputs or batch sizes) does not stop the tick either: that tick's frames go out
+unscored (tagged with the model's version and no prediction, which the model-sync watch counts
+like NaN and rolls back), ``edgeloop_edge_inference_failed_frames_total`` counts them, and the
+agent reports ``degraded`` with the error until ``SCORE_ERROR_HOLD`` seconds pass without one.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ from shared.records import Frame, Heartbeat, Label, Reading, Record, now_ns
 __all__ = ["Agent", "build_connector"]
 
 log = logging.getLogger(__name__)
+
+
+#: how long a model call that raised keeps the agent "degraded" (seconds since the last failure)
+SCORE_ERROR_HOLD = 60.0
 
 
 def _noop(ok: bool) -> None:
@@ -84,7 +92,10 @@ class Agent:
             on_drop=lambda kind, n: self.metrics.outbox_dropped(kind.name.lower(), n),
         )
         self.frames = FrameBuilder(config.frames)
-        self.slot = ModelSlot(observe_latency=self.metrics.inference.observe)
+        self.slot = ModelSlot(
+            observe_latency=self.metrics.inference.observe,
+            on_score_error=self.metrics.score_failed.inc,
+        )
         self.rules = RuleEngine(config.rules, on_error=self.metrics.rule_error)
         self.actions = ActionRunner(self.connectors, on_result=self.metrics.action)
         self.uplink = Uplink(config.uplink, config.agent_id, self.outbox, self.metrics)
@@ -409,6 +420,9 @@ class Agent:
         reasons: list[str] = []
         if self.config.model is not None and self.slot.current is None:
             reasons.append(f"model: {self.slot.error or 'not loaded'}")
+        failed_at = self.slot.last_score_error_at
+        if failed_at is not None and time.monotonic() - failed_at < SCORE_ERROR_HOLD:
+            reasons.append(f"model: {self.slot.last_score_error}; frames go out unscored")
         for name, conn in self.connectors.items():
             if conn.status.state is not ConnectorState.CONNECTED:
                 err = conn.status.last_error
@@ -429,6 +443,11 @@ class Agent:
             if m is None
             else {"name": m.manifest.name, "version": m.version, "features": list(m.features)},
             "model_error": self.slot.error,
+            "score_errors": {
+                "calls": self.slot.score_errors,
+                "frames": self.slot.score_failed_frames,
+                "last": self.slot.last_score_error,
+            },
             "model_sync": None if self.model_sync is None else self.model_sync.status(),
             "outbox": {
                 "rows": self.outbox.records,

@@ -15,6 +15,7 @@ The delivery issue (verify signature, shadow test) builds on ``load_model`` + ``
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ from shared.manifest import ManifestError, ModelManifest
 from shared.records import Frame
 
 __all__ = ["LoadedModel", "ModelLoadError", "ModelSlot", "load_model"]
+
+log = logging.getLogger(__name__)
 
 _FLOAT_TYPES: dict[str, type[np.floating[Any]]] = {
     "tensor(float)": np.float32,
@@ -156,30 +159,58 @@ def load_model(path: Path, manifest_path: Path, *, intra_op_threads: int = 1) ->
 class ModelSlot:
     """The active model, the previous one (for rollback), and batched scoring."""
 
-    def __init__(self, observe_latency: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        observe_latency: Callable[[float], None] | None = None,
+        on_score_error: Callable[[int], None] | None = None,
+    ) -> None:
         self.current: LoadedModel | None = None
         self.previous: LoadedModel | None = None
         self.error: str | None = None  # why the slot is empty or degraded
         self._observe = observe_latency
+        self._on_score_error = on_score_error
         self.unscored = 0  # frames that lacked a feature the model needs
+        self.score_errors = 0  # model calls that raised (or returned the wrong row count)
+        self.score_failed_frames = 0  # frames those calls left unscored
+        self.last_score_error: str | None = None
+        self.last_score_error_at: float | None = None  # time.monotonic()
 
     def swap(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` active; keep the replaced one for :meth:`rollback`. Returns it."""
         old = self.current
         self.previous, self.current = old, model
         self.error = None
+        self._clear_score_error()
         return old
+
+    def _clear_score_error(self) -> None:
+        self.last_score_error = None
+        self.last_score_error_at = None
 
     def rollback(self) -> LoadedModel:
         """Reactivate the previous model (the current one becomes previous)."""
         if self.previous is None:
             raise RuntimeError("no previous model to roll back to")
         self.current, self.previous = self.previous, self.current
+        self._clear_score_error()
         return self.current
 
     def fail(self, reason: str) -> None:
         """Record why a model could not be loaded (the agent reports itself degraded)."""
         self.error = reason
+
+    def _score_failed(self, model: LoadedModel, n: int, exc: Exception) -> None:
+        self.score_errors += 1
+        self.score_failed_frames += n
+        self.last_score_error = (
+            f"model {model.manifest.name} v{model.version} failed scoring {n} frames: "
+            f"{type(exc).__name__}: {exc}"
+        )[:500]
+        self.last_score_error_at = time.monotonic()
+        if self.score_errors == 1 or self.score_errors % 1000 == 0:
+            log.error("%s (%d failed calls so far)", self.last_score_error, self.score_errors)
+        if self._on_score_error is not None:
+            self._on_score_error(n)
 
     @property
     def versions(self) -> dict[str, int]:
@@ -205,9 +236,19 @@ class ModelSlot:
         scores: list[float | None] = []
         if rows:
             t0 = time.perf_counter()
-            preds, scores = model.predict(x[: len(rows)])
-            if self._observe is not None:
-                self._observe(time.perf_counter() - t0)
+            try:
+                preds, scores = model.predict(x[: len(rows)])
+                if len(preds) != len(rows) or len(scores) != len(rows):
+                    raise ValueError(f"{len(preds)} outputs for {len(rows)} input rows")
+            except Exception as exc:  # noqa: BLE001 - a model failing at run time degrades
+                self._score_failed(model, len(rows), exc)
+                # the model's frames go out unscored, tagged with its version and no
+                # prediction: to the watch after a swap that is the same as NaN (rollback)
+                nan = math.nan
+                preds, scores = [nan] * len(rows), [None] * len(rows)
+            else:
+                if self._observe is not None:
+                    self._observe(time.perf_counter() - t0)
         out: list[Frame] = []
         k = 0
         for i, p in enumerate(pending):

@@ -42,6 +42,11 @@ _INFER = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 _INFER_FRAMES = Counter("edgeloop_edge_scored_frames_total", "Frames scored", ["agent"])
+_INFER_FAILED = Counter(
+    "edgeloop_edge_inference_failed_frames_total",
+    "Frames left unscored because the model call raised at run time",
+    ["agent"],
+)
 _RULE_FIRINGS = Counter(
     "edgeloop_edge_rule_firings_total", "Rule activations", ["agent", "rule", "transition"]
 )
@@ -85,6 +90,7 @@ class EdgeMetrics:
         self.frames_skipped = _FRAMES_SKIPPED.labels(a)
         self.inference = _INFER.labels(a)
         self.scored = _INFER_FRAMES.labels(a)
+        self.score_failed = _INFER_FAILED.labels(a)
         self.outbox_rows = _OUTBOX_ROWS.labels(a)
         self.outbox_bytes = _OUTBOX_BYTES.labels(a)
         self.outbox_age = _OUTBOX_AGE.labels(a)
