@@ -57,6 +57,19 @@ class DriftMonitor:
             return True
         return False
 
+    def update_many(self, errors: list[float]) -> list[int]:
+        """:meth:`update` with every error, in order; the positions where a drift fired."""
+        detector = self._detector
+        update = detector.update
+        hits: list[int] = []
+        for i, error in enumerate(errors):
+            update(error)
+            if detector.drift_detected:
+                hits.append(i)
+        self.seen += len(errors)
+        self.detections += len(hits)
+        return hits
+
     def reset(self) -> None:
         """Start over (a new champion has a new error stream)."""
         self._detector = self._make()

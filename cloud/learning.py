@@ -10,6 +10,7 @@ the learner checkpoint.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import importlib
 import math
@@ -137,9 +138,18 @@ class _Scored:
                 m = self._per_asset[asset] = _new_metrics(self.task, self.window)
         return m
 
-    def _fold(self) -> None:
+    def _fold(self, keep_last: int = 0) -> None:
+        """Fold the queued rows, all but the newest ``keep_last`` (a drift detection in the
+        middle of a batch reads the figures as they were at its sample)."""
         rows, assets = self._pending_rows, self._pending_assets
-        self._pending_rows, self._pending_assets = [], []
+        if keep_last:
+            cut = len(rows) - keep_last
+            if cut <= 0:
+                return
+            rows, self._pending_rows = rows[:cut], rows[cut:]
+            assets, self._pending_assets = assets[:cut], assets[cut:]
+        else:
+            self._pending_rows, self._pending_assets = [], []
         self._metrics.extend(rows)
         first = assets[0]
         if assets.count(first) == len(assets):  # the usual case: one batch, one asset
@@ -175,6 +185,38 @@ class _Scored:
             self._fold()
         return err
 
+    def score_many(
+        self,
+        assets: str | list[str],
+        ys: list[Any],
+        preds: list[Any],
+        p_true: list[float | None] | None = None,
+    ) -> list[float]:
+        """:meth:`score` many samples in order (``assets``: one per sample, or one for all);
+        classification takes the probability of the true class, not the whole distribution.
+        Returns the errors."""
+        metrics = self._metrics
+        if self.task == "classification":
+            assert isinstance(metrics, ClassificationMetrics)
+            if p_true is None:
+                p_true = [None] * len(ys)
+            rows, correct = metrics.rows(ys, preds, p_true)
+            self.promo.extend(correct)
+            errors = [1.0 - c for c in correct]
+        else:
+            assert isinstance(metrics, RegressionMetrics)
+            rows = [metrics.row(y, 0.0 if p is None else p) for y, p in zip(ys, preds, strict=True)]
+            errors = [r[0] for r in rows]
+            self.promo.extend(errors)
+        self._pending_rows.extend(rows)
+        if isinstance(assets, str):
+            self._pending_assets.extend([assets] * len(rows))
+        else:
+            self._pending_assets.extend(assets)
+        if len(self._pending_rows) >= _FOLD:
+            self._fold()
+        return errors
+
     def report(self, *, assets: bool = True) -> dict[str, Any]:
         out = self.metrics.report()
         if assets:
@@ -205,6 +247,43 @@ class Candidate(_Scored):
         self.pipeline = build_pipeline(self.steps)
         self.n_learned = 0
         self.features: dict[str, None] = {}
+
+    def learn_many(
+        self, assets: str | list[str], xs: list[dict[str, float]], ys: list[Any]
+    ) -> None:
+        """:meth:`learn` every sample in order: predict sample i, learn sample i, then i + 1.
+
+        Only the river calls run per sample; the metrics of the whole run are computed column
+        by column afterwards (same figures as sample by sample)."""
+        pipeline = self.pipeline
+        preds: list[Any] = []
+        learn_one = pipeline.learn_one
+        if self.task == "classification":
+            p_true: list[float | None] = []
+            predict_proba_one = pipeline.predict_proba_one
+            for x, y in zip(xs, ys, strict=True):
+                proba = predict_proba_one(x)
+                if proba:
+                    preds.append(max(proba, key=proba.__getitem__))
+                    p_true.append(proba.get(y, 0.0))
+                else:
+                    preds.append(None)
+                    p_true.append(None)
+                learn_one(x, y)
+            self.score_many(assets, ys, preds, p_true)
+        else:
+            predict_one = pipeline.predict_one
+            for x, y in zip(xs, ys, strict=True):
+                preds.append(predict_one(x))
+                learn_one(x, y)
+            self.score_many(assets, ys, preds)
+        self.n_learned += len(xs)
+        features = self.features
+        keys = features.keys()
+        for x in xs:
+            if not keys >= x.keys():
+                for k in x:
+                    features.setdefault(k)
 
     def learn(self, asset: str, x: dict[str, float], y: Any) -> float:
         pipeline = self.pipeline
@@ -251,6 +330,45 @@ class Champion(_Scored):
             y_pred = max(proba, key=proba.__getitem__) if proba else None
             return self.score(asset, y, y_pred, proba)
         return self.score(asset, y, self.pipeline.predict_one(x), None)
+
+    def score_cloud_many(
+        self, assets: str | list[str], xs: list[Any], ys: list[Any]
+    ) -> list[float]:
+        """:meth:`score_cloud` of many samples (NaN errors when there is no frozen copy)."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return [math.nan] * len(xs)
+        if self.task == "classification":
+            preds: list[Any] = []
+            p_true: list[float | None] = []
+            predict_proba_one = pipeline.predict_proba_one
+            for x, y in zip(xs, ys, strict=True):
+                proba = predict_proba_one(x)
+                if proba:
+                    preds.append(max(proba, key=proba.__getitem__))
+                    p_true.append(proba.get(y, 0.0))
+                else:
+                    preds.append(None)
+                    p_true.append(None)
+            return self.score_many(assets, ys, preds, p_true)
+        return self.score_many(assets, ys, [pipeline.predict_one(x) for x in xs])
+
+    def score_edge_many(
+        self, assets: str | list[str], frames: list[Frame], ys: list[Any]
+    ) -> list[float]:
+        """:meth:`score_edge` of many frames."""
+        if self.task != "classification":
+            return self.edge.score_many(assets, ys, [f.prediction for f in frames])
+        preds = [
+            None if f.prediction is None else normalise_target("classification", f.prediction)
+            for f in frames
+        ]
+        p_true: list[float | None] = [None] * len(frames)
+        for i, (f, y) in enumerate(zip(frames, ys, strict=True)):
+            if f.score is not None and isinstance(y, int) and y in (0, 1):
+                p1 = min(max(float(f.score), 0.0), 1.0)
+                p_true[i] = p1 if y == 1 else 1.0 - p1
+        return self.edge.score_many(assets, ys, preds, p_true)
 
     def score_edge(self, asset: str, frame: Frame, y: Any) -> float:
         pred: Any = frame.prediction
@@ -321,58 +439,126 @@ class ModelLearner:
 
     def learn(self, frame: Frame, target: float | int | bool) -> DriftDetection | None:
         """Predict-then-learn one labelled frame with every candidate; score the champion."""
-        y = normalise_target(self.task, target)
-        x = frame.features
-        asset = frame.asset
-        self.samples += 1
+        detections = self.learn_many([frame], [target])
+        return detections[-1] if detections else None
+
+    def learn_many(
+        self, frames: list[Frame], targets: list[float | int | bool]
+    ) -> list[DriftDetection]:
+        """:meth:`learn` every labelled frame, in order; returns the drift detections.
+
+        Each candidate predicts then learns sample after sample (candidates are independent, so
+        one runs through the samples, then the next); the champion is frozen, so scoring it
+        per run changes nothing; its errors reach the drift detector in sample order, and a
+        detection's evidence is read as of its own sample. The policy is the caller's, after
+        the run (:meth:`evaluate_promotion`)."""
+        n = len(frames)
+        if not n:
+            return []
+        task = self.task
+        if task == "classification":
+            ys = [
+                int(t) if type(t) is float and t.is_integer() else t  # normalise_target
+                for t in targets
+            ]
+        else:
+            ys = [float(t) for t in targets]
+        xs = [f.features for f in frames]
+        asset_list = [f.asset for f in frames]
+        assets: str | list[str] = (
+            asset_list[0] if asset_list.count(asset_list[0]) == n else asset_list
+        )
+        start = self.samples
+        self.samples += n
         for cand in self.candidates.values():
-            cand.learn(asset, x, y)
+            cand.learn_many(assets, xs, ys)
         champ = self.champion
         if champ is None:
-            return None
-        edge_err: float | None = None
-        if frame.prediction is not None and frame.model_version is not None:
-            if frame.model_version == champ.version:
-                self.edge_frames += 1
-                edge_err = champ.score_edge(asset, frame, y)
-            else:
-                self.edge_frames_other_version += 1
+            return []
+        version = champ.version
         src = self.drift_config.source
+        # which samples the edge scored with this very version
+        edge_idx: list[int] = []
+        other = 0
+        for i, f in enumerate(frames):
+            if f.prediction is not None and f.model_version is not None:
+                if f.model_version == version:
+                    edge_idx.append(i)
+                else:
+                    other += 1
+        self.edge_frames += len(edge_idx)
+        self.edge_frames_other_version += other
+        edge_errs: list[float] = []
+        if edge_idx:
+            if len(edge_idx) == n:
+                edge_errs = champ.score_edge_many(assets, frames, ys)
+            else:
+                edge_errs = champ.score_edge_many(
+                    [asset_list[i] for i in edge_idx],
+                    [frames[i] for i in edge_idx],
+                    [ys[i] for i in edge_idx],
+                )
         # the frozen copy is scored where the edge did not score this version itself (the edge
         # runs the same model, so scoring it twice is only work), and always for drift.source
         # "cloud"; each sample is therefore scored for the champion at least once
-        cloud_err = math.nan
-        if edge_err is None or src == "cloud":
-            cloud_err = champ.score_cloud(asset, x, y)
-        if not self.drift_config.enabled:
-            return None
-        if src == "edge" or (src == "auto" and edge_err is not None):
-            if edge_err is None:
-                return None
-            err, source = edge_err, "edge"
+        if src == "cloud" or not edge_idx:
+            cloud_idx = list(range(n))
+            cloud_errs = champ.score_cloud_many(assets, xs, ys)
+        elif len(edge_idx) < n:
+            edge_set = set(edge_idx)
+            cloud_idx = [i for i in range(n) if i not in edge_set]
+            cloud_errs = champ.score_cloud_many(
+                [asset_list[i] for i in cloud_idx],
+                [xs[i] for i in cloud_idx],
+                [ys[i] for i in cloud_idx],
+            )
         else:
-            if math.isnan(cloud_err):
-                return None
-            err, source = cloud_err, "cloud"
-        if self.drift.update(err):
+            cloud_idx, cloud_errs = [], []
+        if not self.drift_config.enabled:
+            return []
+        # the error stream of the champion, in sample order: (sample index, error, source)
+        feed: list[tuple[int, float, str]]
+        if src == "edge" or (src == "auto" and len(edge_idx) == n):
+            feed = [(i, e, "edge") for i, e in zip(edge_idx, edge_errs, strict=True)]
+        elif src == "cloud" or not edge_idx:
+            feed = [
+                (i, e, "cloud")
+                for i, e in zip(cloud_idx, cloud_errs, strict=True)
+                if not math.isnan(e)
+            ]
+        else:  # auto, some samples scored at the edge and some in the cloud
+            by_sample = {i: (e, "edge") for i, e in zip(edge_idx, edge_errs, strict=True)}
+            for i, e in zip(cloud_idx, cloud_errs, strict=True):
+                if not math.isnan(e):
+                    by_sample[i] = (e, "cloud")
+            feed = [(i, *by_sample[i]) for i in sorted(by_sample)]
+        hits = self.drift.update_many([e for _, e, _ in feed])
+        detections: list[DriftDetection] = []
+        seen_before = self.drift.seen - len(feed)
+        for j in hits:
+            i, _, source = feed[j]
             scored = champ.edge if source == "edge" else champ
+            # the figures as they were at sample i: fold the rows up to it, not beyond
+            idx = edge_idx if source == "edge" else cloud_idx
+            scored._fold(keep_last=len(idx) - bisect.bisect_right(idx, i))
+            metrics = scored._metrics
             det = DriftDetection(
                 model=self.name,
-                version=champ.version,
+                version=version,
                 source=source,
                 detector=self.drift_config.detector,
-                samples=self.drift.seen,
+                samples=seen_before + j + 1,
                 ts_ns=now_ns(),
                 evidence={
-                    "rolling": scored.metrics.rolling(),
-                    "overall": scored.metrics.overall(),
-                    "sample": self.samples,
+                    "rolling": metrics.rolling(),
+                    "overall": metrics.overall(),
+                    "sample": start + i + 1,
                 },
             )
-            self.drift_at = self.samples
+            self.drift_at = start + i + 1
             self.drift_pending = det
-            return det
-        return None
+            detections.append(det)
+        return detections
 
     # -- the promotion policy --------------------------------------------------------------
 

@@ -21,20 +21,29 @@ _LOGLOSS_WRONG = -math.log(_EPS)
 
 
 class RollingMean:
-    """Mean of the last ``window`` values, O(1) per update."""
+    """Mean of the last ``window`` values, O(1) per update (or per batch, with :meth:`extend`)."""
 
     __slots__ = ("_sum", "_values", "window")
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self._values: deque[float] = deque()
+        self._values: deque[float] = deque(maxlen=window)
         self._sum = 0.0
 
     def update(self, value: float) -> None:
-        self._values.append(value)
+        values = self._values
+        if len(values) >= self.window:
+            self._sum -= values[0]
+        values.append(value)
         self._sum += value
-        if len(self._values) > self.window:
-            self._sum -= self._values.popleft()
+
+    def extend(self, values: list[float]) -> None:
+        """:meth:`update` with every value, in order; the window is re-summed exactly."""
+        if len(values) == 1:
+            self.update(values[0])
+            return
+        self._values.extend(values)
+        self._sum = math.fsum(self._values)
 
     def __len__(self) -> int:
         return len(self._values)
@@ -49,6 +58,16 @@ class RollingMean:
     def reset(self) -> None:
         self._values.clear()
         self._sum = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"window": self.window, "_values": list(self._values), "_sum": self._sum}
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple):  # the default slots pickle of older checkpoints
+            state = state[1]
+        self.window = state["window"]
+        self._values = deque(state["_values"], maxlen=self.window)
+        self._sum = math.fsum(self._values)
 
 
 class _Sums:
@@ -167,6 +186,28 @@ class ClassificationMetrics(PrequentialMetrics):
         o[3] += row[3]
         o[4] += row[4]
         self._rows.append(row)
+
+    def rows(
+        self, ys: list[Any], preds: list[Any], p_true: list[float | None]
+    ) -> tuple[list[tuple[float, ...]], list[float]]:
+        """:meth:`row` of many samples at once, column by column; also returns column 0.
+
+        ``p_true[i]`` is the probability given to the true class (``None`` when the model gave
+        no probabilities: the log loss is then that of a hard right or wrong answer)."""
+        correct = [1.0 if p == y else 0.0 for p, y in zip(preds, ys, strict=True)]
+        logloss = [
+            (_LOGLOSS_RIGHT if c else _LOGLOSS_WRONG)
+            if p is None
+            else -math.log(min(max(p, _EPS), _ONE_MINUS_EPS))
+            for p, c in zip(p_true, correct, strict=True)
+        ]
+        pos = self.positive
+        t_pos = [y == pos for y in ys]
+        p_pos = [p == pos for p in preds]
+        tp = [1.0 if t and p else 0.0 for t, p in zip(t_pos, p_pos, strict=True)]
+        fp = [1.0 if p and not t else 0.0 for t, p in zip(t_pos, p_pos, strict=True)]
+        fn = [1.0 if t and not p else 0.0 for t, p in zip(t_pos, p_pos, strict=True)]
+        return list(zip(correct, logloss, tp, fp, fn, strict=True)), correct
 
     def update(self, y_true: object, y_pred: object, proba: dict[Any, float] | None) -> bool:
         """Record one sample; returns whether the prediction was right."""

@@ -455,18 +455,14 @@ class CloudService:
         kind = batch.kind
         if kind is Kind.FRAME:
             add_frame = self.join.add_frame
-            for rec in batch.records:
-                assert isinstance(rec, Frame)
-                pair = add_frame(rec)
-                if pair is not None:
-                    self._learn(pair[0], pair[1], notices)
+            pairs = [p for p in map(add_frame, batch.records) if p is not None]  # type: ignore[arg-type]
+            if pairs:
+                self._learn(pairs, notices)
         elif kind is Kind.LABEL:
             add_label = self.join.add_label
-            for rec in batch.records:
-                assert isinstance(rec, Label)
-                pair = add_label(rec)
-                if pair is not None:
-                    self._learn(pair[0], pair[1], notices)
+            pairs = [p for p in map(add_label, batch.records) if p is not None]  # type: ignore[arg-type]
+            if pairs:
+                self._learn(pairs, notices)
         elif kind is Kind.HEARTBEAT:
             received = now_ns()
             for rec in batch.records:
@@ -495,22 +491,38 @@ class CloudService:
                 self._events.append((batch.agent_id, rec))
         # readings: counted; the cloud keeps no telemetry store of its own
 
-    def _learn(self, frame: Frame, label: Label, notices: list[Any]) -> None:
-        learners = self._by_asset.get(frame.asset)
+    def _learners_of(self, asset: str) -> list[ModelLearner]:
+        learners = self._by_asset.get(asset)
         if learners is None:
-            learners = [m for m in self.learners.values() if m.matches(frame.asset)]
+            learners = [m for m in self.learners.values() if m.matches(asset)]
             if len(self._by_asset) < 100_000:
-                self._by_asset[frame.asset] = learners
-        for learner in learners:
-            self.recent_frames[learner.name].append(frame.features)
-            det = learner.learn(frame, label.target)
-            if det is not None:
-                notices.append(det)
+                self._by_asset[asset] = learners
+        return learners
+
+    def _learn(self, pairs: list[tuple[Frame, Label]], notices: list[Any]) -> None:
+        """Learn the pairs one batch completed, in order, with every model matching their asset.
+
+        Every sample is predicted then learned by every candidate, in order; drift detections
+        come at their own sample; the promotion policy runs once per batch and model, after it
+        (on the same windowed figures it would read after the batch's last sample)."""
+        first = pairs[0][0].asset
+        if all(f.asset == first for f, _ in pairs):
+            runs = [(learner, pairs) for learner in self._learners_of(first)]
+        else:
+            runs = []
+            for learner in self.learners.values():
+                mine = [p for p in pairs if learner in self._learners_of(p[0].asset)]
+                if mine:
+                    runs.append((learner, mine))
+        for learner, mine in runs:
+            frames = [f for f, _ in mine]
+            self.recent_frames[learner.name].extend([f.features for f in frames])
+            notices.extend(learner.learn_many(frames, [lb.target for _, lb in mine]))
             decision = learner.evaluate_promotion()
             if decision is not None:
                 learner.promotion_pending = True
                 notices.append(decision)
-        self.learned += 1
+        self.learned += len(pairs)
 
     async def _handle(self, notices: list[Any]) -> None:
         for notice in notices:

@@ -23,6 +23,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -206,6 +207,114 @@ def _dec_heartbeat(f: list[Any], t: list[str]) -> Heartbeat:
     return Heartbeat(agent, ts, models, depth, nbytes, status, info)
 
 
+# --- batch fast paths ----------------------------------------------------------------------
+# Frames and labels are the learning hot path. These check a whole batch column by column
+# (type sets, C-level loops) with exactly the rules of the records' validating constructors,
+# and build the records without running them again. On any doubt they return None and the
+# batch goes through the per-record path, which raises the precise error.
+
+_NoneType = type(None)
+_FRAME_NUMBER = frozenset((_NoneType, int, float))
+_FRAME_VERSION = frozenset((_NoneType, int))
+_NUMBERS = frozenset((int, float))
+_TARGETS = frozenset((bool, int, float))
+_LIST = frozenset((list,))
+_STR = frozenset((str,))
+_INT = frozenset((int,))
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_FRAME_SET = _slot_setters(
+    Frame,
+    ("asset", "key", "ts_ns", "features", "prediction", "model_version", "score", "marks"),
+)
+_LABEL_SET = _slot_setters(Label, ("asset", "key", "ts_ns", "target"))
+_new = object.__new__
+
+
+def _fast_frames(rows: list[Any], t: list[str]) -> list[Record] | None:
+    if set(map(type, rows)) != _LIST or set(map(len, rows)) != {8}:
+        return None
+    try:
+        a_i, keys, tss, feats, preds, versions, scores, marks = zip(*rows, strict=True)
+        assets = [t[i] for i in a_i]
+        features = [{t[k]: v for k, v in f} for f in feats]
+    except (TypeError, ValueError, IndexError):
+        return None
+    if (
+        not all(assets)
+        or set(map(type, keys)) != _STR
+        or not all(keys)
+        or set(map(type, tss)) != _INT
+        or min(tss) < 0
+        or not set(map(type, preds)) <= _FRAME_NUMBER
+        or not set(map(type, scores)) <= _FRAME_NUMBER
+        or not set(map(type, versions)) <= _FRAME_VERSION
+        or set(map(type, marks)) != _LIST
+        or not set(map(type, chain.from_iterable(map(dict.values, features)))) <= _NUMBERS
+    ):
+        return None
+    s_asset, s_key, s_ts, s_feat, s_pred, s_ver, s_score, s_marks = _FRAME_SET
+    out: list[Record] = []
+    append = out.append
+    for asset, key, ts, feat, pred, ver, score, mark in zip(
+        assets, keys, tss, features, preds, versions, scores, marks, strict=True
+    ):
+        r = _new(Frame)
+        s_asset(r, asset)
+        s_key(r, key)
+        s_ts(r, ts)
+        s_feat(r, feat)
+        s_pred(r, pred)
+        s_ver(r, ver)
+        s_score(r, score)
+        s_marks(r, tuple(mark) if mark else ())
+        append(r)
+    return out
+
+
+def _fast_labels(rows: list[Any], t: list[str]) -> list[Record] | None:
+    if set(map(type, rows)) != _LIST or set(map(len, rows)) != {4}:
+        return None
+    try:
+        a_i, keys, tss, targets = zip(*rows, strict=True)
+        assets = [t[i] for i in a_i]
+    except (TypeError, ValueError, IndexError):
+        return None
+    target_types = set(map(type, targets))
+    if (
+        not all(assets)
+        or set(map(type, keys)) != _STR
+        or not all(keys)
+        or set(map(type, tss)) != _INT
+        or min(tss) < 0
+        or not target_types <= _TARGETS
+        or (float in target_types and any(x != x for x in targets))  # NaN
+    ):
+        return None
+    s_asset, s_key, s_ts, s_target = _LABEL_SET
+    out: list[Record] = []
+    append = out.append
+    for asset, key, ts, target in zip(assets, keys, tss, targets, strict=True):
+        r = _new(Label)
+        s_asset(r, asset)
+        s_key(r, key)
+        s_ts(r, ts)
+        s_target(r, target)
+        append(r)
+    return out
+
+
+_FAST: dict[Kind, Callable[[list[Any], list[str]], list[Record] | None]] = {
+    Kind.FRAME: _fast_frames,
+    Kind.LABEL: _fast_labels,
+}
+_BATCH_SET = _slot_setters(Batch, ("agent_id", "batch_seq", "kind", "records", "created_ns"))
+
+
 _ENCODERS: dict[Kind, Callable[[Any, _Strings], list[Any]]] = {
     Kind.READING: _enc_reading,
     Kind.FRAME: _enc_frame,
@@ -274,6 +383,24 @@ def decode_batch(data: bytes | bytearray | memoryview) -> Batch:
         raise WireDecodeError("corrupt batch: the string table is not a list of strings")
     if not isinstance(rows, list):
         raise WireDecodeError("corrupt batch: records are not an array")
+    fast = _FAST.get(kind)
+    if (
+        fast is not None
+        and rows
+        and type(created_ns) is int
+        and isinstance(agent_id, str)
+        and agent_id
+        and type(batch_seq) is int
+        and batch_seq >= 0
+    ):
+        fast_records = fast(rows, table)
+        if fast_records is not None:
+            batch = _new(Batch)
+            for setter, value in zip(
+                _BATCH_SET, (agent_id, batch_seq, kind, fast_records, created_ns), strict=True
+            ):
+                setter(batch, value)
+            return batch
     dec = _DECODERS[kind]
     records: list[Record] = []
     for i, row in enumerate(rows):
