@@ -243,6 +243,7 @@ async def run_demo(
     machines: int,
     api_port: int | None,
     promotion: bool,
+    mqtt: str = "auto",
 ) -> dict[str, Any] | None:
     from rich.console import Console
     from rich.live import Live
@@ -259,6 +260,7 @@ async def run_demo(
         speed=speed,
         drift_at=drift_at,
         promotion=promotion,
+        mqtt_broker=mqtt,  # type: ignore[arg-type]
         # a wider promotion window than the e2e test's: a challenger has to prove itself over
         # 200 parts, which leaves ADWIN (a little more sensitive than river's default) the
         # samples it needs to see the drift in the deployed model's error stream first
@@ -347,6 +349,13 @@ async def run_demo(
 @click.option(
     "--no-promotion", is_flag=True, help="Keep the first model: shows what the loop buys."
 )
+@click.option(
+    "--mqtt",
+    type=click.Choice(["auto", "mosquitto", "amqtt"]),
+    default="auto",
+    show_default=True,
+    help="MQTT broker: Mosquitto when installed, else the pure-Python amqtt.",
+)
 def demo(
     duration: float | None,
     report: Path | None,
@@ -356,6 +365,7 @@ def demo(
     machines: int,
     api_port: int | None,
     no_promotion: bool,
+    mqtt: str,
 ) -> None:
     """Run the whole loop on this machine on embedded defaults.
 
@@ -376,6 +386,7 @@ def demo(
             machines=machines,
             api_port=api_port,
             promotion=not no_promotion,
+            mqtt=mqtt,
         )
     )
     if result is not None and not result["ok"]:

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from aiokafka import AIOKafkaConsumer
 
@@ -87,6 +87,8 @@ class StackConfig:
     faults: bool = False
     anomalies: bool = False
     workdir: Path | None = None
+    #: "auto": Mosquitto when installed, else the pure-Python amqtt (slow, no persistence)
+    mqtt_broker: Literal["auto", "mosquitto", "amqtt"] = "auto"
     topic_prefix: str = "edgeloop"
     log_level: str = "WARNING"
     extra_cloud: dict[str, Any] = field(default_factory=dict)
@@ -295,14 +297,19 @@ class LocalStack:
     async def _start(self) -> None:
         from cloud.service import CloudService
         from edge.agent import Agent
-        from edgeloop.services import MosquittoBroker, TansuBroker
+        from edgeloop.services import AmqttBroker, MosquittoBroker, TansuBroker, mqtt_broker
         from simulators import FactorySimulator
 
         cfg = self.config
         logging.getLogger("edge").setLevel(cfg.log_level)
         logging.getLogger("cloud").setLevel(cfg.log_level)
         self.kafka = await asyncio.to_thread(TansuBroker().start)
-        self.mqtt = await asyncio.to_thread(MosquittoBroker().start)
+        broker = {
+            "auto": mqtt_broker,
+            "mosquitto": MosquittoBroker,
+            "amqtt": AmqttBroker,
+        }[cfg.mqtt_broker]()
+        self.mqtt = await asyncio.to_thread(broker.start)
         private, public = generate_keypair()
         keys = self.workdir / "keys"
         keys.mkdir(parents=True, exist_ok=True)
@@ -469,6 +476,8 @@ class LocalStack:
                     "url": self.mqtt.url,
                     "client_id": f"stack-edge-quality-{id(self)}",
                     "persistent_session": False,
+                    # amqtt speaks MQTT 3.1.1 only
+                    "protocol": "3.1.1" if self.mqtt.name == "amqtt" else "5",
                     "subscriptions": [
                         {
                             "topic": "plant/{line}/{asset}/quality",

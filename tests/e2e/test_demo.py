@@ -20,10 +20,16 @@ from tests.waiting import wait_until_sync
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not on PATH")
 
 
-def test_demo_serves_the_dashboard_and_ctrl_c_leaves_nothing_running(tmp_path):
+def _labels_learned(port: int) -> int:
+    status = httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=5).json()
+    return int(status.get("learned", 0))
+
+
+@pytest.mark.parametrize("mqtt", ["auto", "amqtt"])
+def test_demo_serves_the_dashboard_and_ctrl_c_leaves_nothing_running(tmp_path, mqtt):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeloop.cli", "demo", "--api-port", str(port)],
+        [sys.executable, "-m", "edgeloop.cli", "demo", "--api-port", str(port), "--mqtt", mqtt],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -50,6 +56,16 @@ def test_demo_serves_the_dashboard_and_ctrl_c_leaves_nothing_running(tmp_path):
         children = psutil.Process(proc.pid).children(recursive=True)
         names = {c.name() for c in children}
         assert any("tansu" in n for n in names), names
+        if mqtt == "amqtt":  # the fallback for machines without Mosquitto
+            assert not any("mosquitto" in n for n in names), names
+            wait_until_sync(
+                lambda: (
+                    httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=5).status_code == 200
+                    and _labels_learned(port) > 0
+                ),
+                90,
+                "labels from the quality station over amqtt reaching the cloud",
+            )
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, "".join(lines[-40:])
     finally:
