@@ -360,11 +360,35 @@ class Agent:
     def _rule_context(self, asset: str, now: float) -> dict[str, Any]:
         st = self.frames.state(asset)
         frame = self._last_frame.get(asset)
+        needs = self.rules.needs  # only the keys the rules read (CEL conversion is per key)
+        tags = st.tags
+        want = needs["r"]
+        if want is None:
+            r = st.values()
+        else:
+            r = {}
+            for t in want:
+                ts = tags.get(t)
+                if ts is not None and ts.reading is not None:
+                    r[t] = ts.reading.value
+        want = needs["age"]
+        if want is None:
+            age = st.ages(now)
+        else:
+            age = {}
+            for t in want:
+                ts = tags.get(t)
+                if ts is not None and ts.reading is not None:
+                    age[t] = now - ts.seen_at
+        feats: dict[str, float] = frame.features if frame is not None else {}
+        want = needs["f"]
+        if want is not None and feats:
+            feats = {k: feats[k] for k in want if k in feats}
         return {
             "asset": asset,
-            "r": st.values(),
-            "age": st.ages(now),
-            "f": frame.features if frame is not None else {},
+            "r": r,
+            "age": age,
+            "f": feats,
             "has_frame": frame is not None,
             "prediction": frame.prediction
             if frame is not None and frame.prediction is not None

@@ -217,23 +217,35 @@ class FrameBuilder:
         specs = self.specs
         assets = self.assets
         triggers = self._triggers
+        # readings come in per-device batches: look an asset's state up when the asset changes
+        cur: str | None = None
+        st: AssetState | None = None
+        tags: dict[str, TagState] = {}
+        trig: str | None = None
         for r in readings:
-            st = assets.get(r.asset)
-            if st is None:
-                st = self.state(r.asset)
-            if triggers.get(r.asset) == r.tag:
-                spec = specs[r.asset]
+            asset = r.asset
+            if asset != cur:
+                cur = asset
+                st = assets.get(asset)
+                if st is None:
+                    st = self.state(asset)
+                tags = st.tags
+                trig = triggers.get(asset)
+            assert st is not None
+            tag = r.tag
+            if tag == trig:
+                spec = specs[asset]
                 prev, st.trigger_value = st.trigger_value, r.value
                 if prev is not None and r.value != prev and r.quality is not Quality.BAD:
                     key = spec.key_template().format(
-                        asset=r.asset, value=r.value, ts_ms=r.ts_ns // 1_000_000
+                        asset=asset, value=r.value, ts_ms=r.ts_ns // 1_000_000
                     )
                     frame = self._cut(st, spec, key, r.ts_ns, at)
                     if frame is not None:
                         out.append(frame)
-            ts = st.tags.get(r.tag)
+            ts = tags.get(tag)
             if ts is None:
-                ts = st.tag(r.tag, r.tag in self._windowed_tags(r.asset))
+                ts = st.tag(tag, tag in self._windowed_tags(asset))
             ts.reading = r
             ts.seen_at = at
             if ts.windowed:

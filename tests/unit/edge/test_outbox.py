@@ -164,3 +164,18 @@ async def test_unwritable_location_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(RuntimeError, match="cannot open the outbox"):
         await outbox(blocker / "o.db").start()
+
+
+def test_fast_reading_encoder_matches_the_wire_codec_byte_for_byte():
+    from edge.outbox import encode_readings
+    from shared.records import Quality, Reading
+    from shared.wire import Batch, Kind, encode_batch
+
+    values = [1.5, float("nan"), -0.0, 7, -(2**63), 2**64 - 1, True, False, "on", "", None]
+    rs = [
+        Reading(f"m{i % 3}", f"t{i % 5}", 1_700_000_000_000_000_000 + i, v, Quality(i % 3), i)
+        for i, v in enumerate(values * 3)
+    ]
+    assert encode_readings("gw", 7, 123, rs) == encode_batch(Batch("gw", 7, Kind.READING, rs, 123))
+    big = [*rs, Reading("m1", "huge", 1_700_000_000_000_000_000, 2**70)]  # codec's extension
+    assert encode_readings("gw", 8, 5, big) == encode_batch(Batch("gw", 8, Kind.READING, big, 5))

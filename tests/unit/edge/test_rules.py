@@ -215,3 +215,55 @@ async def test_webhook_gives_up_after_its_retries():
                 runner.dispatch(f)
             await wait_until(lambda: results, 10, "the webhook outcome")
     assert results == [("hot", "webhook", False)]
+
+
+def test_context_projection_keeps_only_what_the_rules_can_read():
+    from edge.rules import projection
+
+    p = projection(["has(r.temp) && r.temp > age.temp", "has_frame && f.temp_mean > 3.0"])
+    assert p == {"r": {"temp"}, "age": {"temp"}, "f": {"temp_mean"}}
+    # any other use of a map needs all of it: index, size(), macros
+    assert projection(['r["temp"] > 1.0'])["r"] is None
+    assert projection(["size(f) > 0 && r.temp > 1.0"]) == {"r": {"temp"}, "f": None, "age": set()}
+    assert projection(["r.exists(k, k == 'temp')"])["r"] is None
+    assert projection(["r .temp > 1.0"])["r"] is None  # unusual spacing: be safe
+
+
+async def test_projected_context_gives_the_same_verdicts(tmp_path):
+    from edge.agent import Agent
+    from edge.config import EdgeConfig
+    from shared.records import Reading, now_ns
+
+    cfg = EdgeConfig.model_validate(
+        {
+            "agent_id": "gw-proj",
+            "state_dir": str(tmp_path / "s"),
+            "rules": [
+                {"name": "hot", "when": "has(r.temp) && r.temp > 80.0 && age.temp < 60.0"},
+                {"name": "any", "when": "size(r) > 2"},  # needs the whole map
+            ],
+            "uplink": {"bootstrap_servers": "127.0.0.1:1"},
+            "http": {"port": None},
+        }
+    )
+    agent = Agent(cfg)
+    assert agent.rules.needs["r"] is None  # "size(r)" forces the full map for r
+    await agent.outbox.start()
+    try:
+        ts = now_ns()
+        agent.ingest("x", [Reading("m1", t, ts, 90.0) for t in ("temp", "a", "b")])
+        await agent._tick()
+        assert sorted(e.rule for e in await _events(agent)) == ["any", "hot"]
+    finally:
+        await agent.outbox.stop()
+
+
+async def _events(agent):
+    from shared.records import Event
+
+    return [
+        r
+        for b in await agent.outbox.claim(after_seq=0, max_batches=100)
+        for r in b.records
+        if isinstance(r, Event)
+    ]
