@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import pickle
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +41,7 @@ from fastapi.responses import FileResponse
 from cloud.api import require_token
 from cloud.config import DeliveryConfig
 from cloud.registry import RegistryError, VersionEntry
+from shared.files import write_atomic
 from shared.manifest import (
     ModelManifest,
     SignatureError,
@@ -81,16 +81,6 @@ def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "", depth: int = 0) 
         elif isinstance(v, Mapping) and depth < 2:
             out.update(_flat_metrics(v, f"{key}.", depth + 1))
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ModelDelivery:
@@ -263,7 +253,7 @@ class ModelDelivery:
             self._compile, entry.model, pipeline_blob, list(entry.features), frames
         )
         path = self.artifact_path(entry.model, entry.version)
-        await asyncio.to_thread(_write_atomic, path, compiled.onnx)
+        await asyncio.to_thread(write_atomic, path, compiled.onnx)
         info = {
             "sha256": compiled.sha256,
             "bytes": len(compiled.onnx),
@@ -426,7 +416,7 @@ class ModelDelivery:
             actor="api",
         )
         path = self.artifact_path(name, entry.version)
-        await asyncio.to_thread(_write_atomic, path, compiled.onnx)
+        await asyncio.to_thread(write_atomic, path, compiled.onnx)
         info = {
             "sha256": compiled.sha256,
             "bytes": len(compiled.onnx),

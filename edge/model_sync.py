@@ -45,6 +45,7 @@ from prometheus_client import Counter
 from edge.config import LabelConfig, ModelSyncConfig
 from edge.frames import PendingFrame
 from edge.inference import LoadedModel, ModelLoadError, load_model
+from shared.files import write_atomic
 from shared.manifest import (
     ManifestError,
     ModelManifest,
@@ -289,15 +290,6 @@ class _Outcomes:
         return (0, 0) if window is None else (len(window), sum(window))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ModelSync:
     """Keeps the agent's model slot on the cloud's signed champion. Async context manager."""
 
@@ -398,7 +390,7 @@ class ModelSync:
             "previous": slot.previous.version if slot.previous else None,
             "refused": self.refused,
         }
-        _write_atomic(self.dir / "state.json", json.dumps(doc, indent=1).encode())
+        write_atomic(self.dir / "state.json", json.dumps(doc, indent=1).encode())
         keep = {v for v in (doc["active"], doc["previous"]) if v is not None}
         for p in self.dir.glob("v*.onnx"):
             with contextlib.suppress(ValueError, OSError):
@@ -573,8 +565,8 @@ class ModelSync:
         onnx, man = self._paths(manifest.version)
         tmp_onnx = onnx.with_name(onnx.name + ".new")
         tmp_man = man.with_name(man.name + ".new")
-        _write_atomic(tmp_onnx, blob)
-        _write_atomic(tmp_man, manifest.to_json())
+        write_atomic(tmp_onnx, blob)
+        write_atomic(tmp_man, manifest.to_json())
         # 4. a second session
         try:
             model = await asyncio.to_thread(
