@@ -277,6 +277,10 @@ class CloudConfig(ConfigModel):
     metrics_snapshot_s: float = Field(default=10.0, gt=0)
     #: Applied batch sequence numbers remembered above each (agent, partition) floor.
     dedupe_window: int = Field(default=4096, ge=16)
+    #: While the service runs, the objects that existed when it started (modules, config,
+    #: restored learners) are frozen out of the cyclic garbage collector (``gc.freeze``), so
+    #: its full passes scan only what the stream allocated since; unfrozen at stop.
+    gc_freeze: bool = True
 
     @model_validator(mode="after")
     def _fail_closed(self) -> CloudConfig:

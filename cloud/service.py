@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import pickle
 import time
@@ -72,6 +73,22 @@ def kafka_client_options(cfg: KafkaConfig) -> dict[str, Any]:
         if sec.sasl_password is not None:
             opts["sasl_plain_password"] = sec.sasl_password.get_secret_value()
     return opts
+
+
+_frozen_by = 0  # services in this process holding the gc freeze
+
+
+def _gc_freeze() -> None:
+    global _frozen_by
+    _frozen_by += 1
+    gc.freeze()
+
+
+def _gc_unfreeze() -> None:
+    global _frozen_by
+    _frozen_by -= 1
+    if _frozen_by == 0:
+        gc.unfreeze()
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -170,6 +187,7 @@ class CloudService:
         self.app: Any = None
         self.api_port: int | None = None
         self.learned = 0
+        self._gc_frozen = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -219,6 +237,11 @@ class CloudService:
                 metadata_max_age_ms=int(kc.metadata_max_age_s * 1000),
             )
             await self._consumer.start()
+            if self.config.gc_freeze and not self._gc_frozen:
+                # everything loaded so far lives as long as the service: out of the collector's
+                # way, so full collections scan only what the stream allocates (unfrozen at stop)
+                _gc_freeze()
+                self._gc_frozen = True
             self._consumer.subscribe(list(self.topics.uplink()), listener=_Rebalance(self))
             self._tasks.append(asyncio.create_task(self._ingest(), name="cloud-ingest"))
             self._tasks.append(asyncio.create_task(self._snapshots(), name="cloud-snapshots"))
@@ -268,6 +291,9 @@ class CloudService:
         await self.notifier.aclose()
         if self._registry is not None:
             await asyncio.to_thread(self._registry.close)
+        if self._gc_frozen:
+            self._gc_frozen = False
+            _gc_unfreeze()
         self._state = "stopped"
 
     _api_task: asyncio.Task[None] | None = None

@@ -71,3 +71,23 @@ def test_a_candidate_predicts_before_it_learns_and_pickles_with_its_metrics():
     assert back.metrics.rolling() == cand.metrics.rolling()
     assert back.metrics.rolling()["accuracy"] > 0.9
     assert list(back.features) == ["t"]
+
+
+def test_rolling_mean_extend_equals_update_and_survives_a_pickle():
+    one, many = RollingMean(5), RollingMean(5)
+    values = [0.5, 1.0, 0.0, 2.0, 1.5, 0.25, 3.0, 1.0]
+    for v in values:
+        one.update(v)
+    many.extend(values[:3])
+    many.extend(values[3:])
+    assert len(many) == len(one) == 5 and many.get() == pytest.approx(one.get())
+    back = pickle.loads(pickle.dumps(many))
+    assert back.full and back.get() == pytest.approx(one.get())
+    back.update(10.0)
+    one.update(10.0)
+    assert back.get() == pytest.approx(one.get())
+    # the state older checkpoints hold (default slots pickle, unbounded deque)
+    old = RollingMean.__new__(RollingMean)
+    old.__setstate__((None, {"window": 3, "_values": [1.0, 0.0, 1.0], "_sum": 2.0}))
+    old.update(1.0)
+    assert len(old) == 3 and old.get() == pytest.approx(2 / 3)
