@@ -187,7 +187,7 @@ async def _service_rate(
             "joined": svc.join.stats.joined,
             "checkpoints": svc.checkpoints,
             "promotions": len(svc.registry.promotions(cfg.models[0].name)),
-            "champion": svc.learners[cfg.models[0].name].champion.learner,  # type: ignore[union-attr]
+            "champion": getattr(svc.learners[cfg.models[0].name].champion, "learner", None),
         }
 
 
