@@ -11,7 +11,9 @@ first learned sample and the last.
 
 Raw ceiling, same run, same data, same pipelines (built from the same default config): a plain
 Python loop calling river's ``predict_proba_one`` then ``learn_one`` on each candidate (the
-minimum a prequential learner must do). A second row shows ``learn_one`` alone, for scale.
+minimum a prequential learner must do); for the run whose frames carry no edge prediction,
+plus ``predict_proba_one`` of a frozen copy of the candidate the service made champion (the
+service scores that replica there). A last row shows ``learn_one`` alone, for scale.
 The raw loop runs before and after the service and the better of the two is the ceiling (the
 box is shared, so the slower one is the one that was disturbed).
 """
