@@ -185,6 +185,7 @@ def render_markdown() -> str:
         "",
         "```python",
         "import struct",
+        "",
         "rr = await client.read_input_registers(4, count=2, device_id=1)  # m1 spindle_temp",
         'temp = struct.unpack(">f", struct.pack(">HH", *rr.registers))[0]',
         "```",
