@@ -185,6 +185,7 @@ class FrameBuilder:
         for spec in frames:
             self._features[spec.asset] = self._expand(spec.features)
         self._triggers = {f.asset: f.trigger.tag for f in frames if f.trigger.tag is not None}
+        self._special_tags: dict[str, frozenset[str]] = {}
 
     @staticmethod
     def _expand(features: Iterable[FeatureConfig]) -> list[tuple[str, str, str]]:
@@ -193,6 +194,7 @@ class FrameBuilder:
     def use_model_features(self, names: Sequence[str]) -> None:
         """Assets configured without ``features`` take the model's (from its manifest)."""
         self._model_features = [(n, *parse_feature_name(n)) for n in names]
+        self._special_tags.clear()
         for asset, st in self.assets.items():
             wanted = self._windowed_tags(asset)
             for name, ts in st.tags.items():
@@ -216,12 +218,16 @@ class FrameBuilder:
         out: list[PendingFrame] = []
         specs = self.specs
         assets = self.assets
-        triggers = self._triggers
-        # readings come in per-device batches: look an asset's state up when the asset changes
+        # readings come in per-device batches: look an asset's state up when the asset changes.
+        # A tag that feeds no window and triggers nothing only needs its last reading of the
+        # call (all of them get the same receipt time): those are collected in ``last`` and
+        # applied once per tag after the loop; window and trigger tags are applied in order.
         cur: str | None = None
         st: AssetState | None = None
         tags: dict[str, TagState] = {}
-        trig: str | None = None
+        special: frozenset[str] = frozenset()
+        last: dict[str, Reading] = {}
+        lasts: list[tuple[AssetState, dict[str, Reading]]] = []
         for r in readings:
             asset = r.asset
             if asset != cur:
@@ -230,10 +236,15 @@ class FrameBuilder:
                 if st is None:
                     st = self.state(asset)
                 tags = st.tags
-                trig = triggers.get(asset)
-            assert st is not None
+                special = self._special(asset)
+                last = {}
+                lasts.append((st, last))
             tag = r.tag
-            if tag == trig:
+            if tag not in special:
+                last[tag] = r
+                continue
+            assert st is not None
+            if tag == self._triggers.get(asset):
                 spec = specs[asset]
                 prev, st.trigger_value = st.trigger_value, r.value
                 if prev is not None and r.value != prev and r.quality is not Quality.BAD:
@@ -250,7 +261,24 @@ class FrameBuilder:
             ts.seen_at = at
             if ts.windowed:
                 ts.add(r)
+        for st, last in lasts:
+            tags = st.tags
+            for tag, r in last.items():
+                ts = tags.get(tag)
+                if ts is None:
+                    ts = tags[tag] = TagState(False)
+                ts.reading = r
+                ts.seen_at = at
         return out
+
+    def _special(self, asset: str) -> frozenset[str]:
+        """Tags of ``asset`` whose every reading counts: window (feature) tags and the trigger."""
+        got = self._special_tags.get(asset)
+        if got is None:
+            trig = self._triggers.get(asset)
+            got = frozenset(self._windowed_tags(asset) | ({trig} if trig else set()))
+            self._special_tags[asset] = got
+        return got
 
     def due(self, now: float | None = None) -> list[PendingFrame]:
         """Frames whose period elapsed (call once per tick)."""

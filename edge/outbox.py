@@ -123,7 +123,7 @@ def encode_readings(agent_id: str, seq: int, created_ns: int, chunk: Sequence[Re
         tv = type(v)
         if tv is int and not _I64_MIN <= v <= _U64_MAX:  # type: ignore[operator]
             return encode_batch(Batch(agent_id, seq, Kind.READING, chunk, created_ns))
-        append([ai, ti, r.ts_ns, v, int(r.quality), r.status])
+        append([ai, ti, r.ts_ns, v, r.quality, r.status])  # an IntEnum packs as its int
     body: bytes = msgpack.packb([agent_id, seq, created_ns, table, rows], use_bin_type=True)
     return _READING_HEADER + body
 
@@ -260,17 +260,29 @@ class Outbox:
         groups: dict[tuple[type, str], list[list[Record]]] = {}
         order: list[list[Record]] = []
         size = self.batch_size
+        # records come in runs of one kind and asset (a device's poll): look the group up once
+        # per run; a chunk is full at batch_size records
+        cur_t: type | None = None
+        cur_k = ""
+        chunk: list[Record] = []
+        chunks: list[list[Record]] = []
         for rec in records:
             t = type(rec)
-            key = (t, rec.agent_id if t is Heartbeat else rec.asset)  # type: ignore[union-attr]
-            chunks = groups.get(key)
-            if chunks is None:
-                chunks = groups[key] = [[]]
-                order.append(chunks[0])
-            elif len(chunks[-1]) >= size:
-                chunks.append([])
-                order.append(chunks[-1])
-            chunks[-1].append(rec)
+            k = rec.agent_id if t is Heartbeat else rec.asset  # type: ignore[union-attr]
+            if t is not cur_t or k != cur_k:
+                cur_t, cur_k = t, k
+                key = (t, k)
+                got = groups.get(key)
+                if got is None:
+                    got = groups[key] = [[]]
+                    order.append(got[0])
+                chunks = got
+                chunk = chunks[-1]
+            if len(chunk) >= size:
+                chunk = []
+                chunks.append(chunk)
+                order.append(chunk)
+            chunk.append(rec)
         now = time.time_ns()
         rows = []
         seq = first_seq

@@ -179,3 +179,17 @@ def test_fast_reading_encoder_matches_the_wire_codec_byte_for_byte():
     assert encode_readings("gw", 7, 123, rs) == encode_batch(Batch("gw", 7, Kind.READING, rs, 123))
     big = [*rs, Reading("m1", "huge", 1_700_000_000_000_000_000, 2**70)]  # codec's extension
     assert encode_readings("gw", 8, 5, big) == encode_batch(Batch("gw", 8, Kind.READING, big, 5))
+
+
+async def test_interleaved_assets_keep_their_order_across_chunks(tmp_path):
+    from shared.records import Reading
+
+    rs = [Reading(a, "t", T0 + i, float(i)) for i, a in enumerate(["m1", "m2", "m1", "m1", "m2"])]
+    async with outbox(tmp_path / "o.db", batch_size=2) as ob:
+        await ob.append(rs)
+        batches = await ob.claim(after_seq=0, max_batches=10)
+    assert [(b.seq, b.asset, [r.value for r in b.records]) for b in batches] == [
+        (1, "m1", [0.0, 2.0]),
+        (2, "m2", [1.0, 4.0]),
+        (3, "m1", [3.0]),
+    ]
