@@ -1,17 +1,16 @@
 """The fixtures' brokers are real: Kafka protocol through aiokafka, MQTT through paho."""
 
 import asyncio
-import threading
 import time
 import uuid
 
-import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy import create_engine, text
 
 from shared.records import Frame, Quality, Reading
 from shared.topics import Topics
 from shared.wire import Batch, Kind, decode_batch, encode_batch
+from tests.mqtt_roundtrip import mqtt_round_trip
 
 
 async def test_batch_produced_to_kafka_is_consumed_by_a_group_and_decodes_equal(kafka_broker):
@@ -65,33 +64,7 @@ async def test_batch_produced_to_kafka_is_consumed_by_a_group_and_decodes_equal(
 
 def test_message_passes_through_the_mosquitto_fixture(mqtt_broker):
     host, port = mqtt_broker.removeprefix("mqtt://").split(":")
-    received: list[bytes] = []
-    subscribed, arrived = threading.Event(), threading.Event()
-
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sub")
-    sub.on_subscribe = lambda *a: subscribed.set()
-
-    def on_message(_c, _u, msg):
-        received.append(msg.payload)
-        arrived.set()
-
-    sub.on_message = on_message
-    sub.connect(host, int(port))
-    sub.subscribe("plant/line1/#", qos=1)
-    sub.loop_start()
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub")
-    try:
-        assert subscribed.wait(10)
-        pub.connect(host, int(port))
-        pub.loop_start()
-        pub.publish("plant/line1/m1/temp", b"21.5", qos=1).wait_for_publish(timeout=10)
-        assert arrived.wait(10)
-    finally:
-        pub.loop_stop()
-        pub.disconnect()
-        sub.loop_stop()
-        sub.disconnect()
-    assert received == [b"21.5"]
+    assert mqtt_round_trip(host, int(port), "plant/line1/m1/temp", b"21.5") == [b"21.5"]
 
 
 def test_postgres_fixture_gives_a_fresh_database(postgres_url):
