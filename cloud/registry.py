@@ -479,15 +479,18 @@ class Registry:
         with self._session() as s:
             return list(s.scalars(select(ModelVersionRow.model).distinct()).all())
 
-    def promotions(self, model: str, limit: int = 100) -> list[dict[str, Any]]:
+    def _latest(
+        self, table: Any, columns: Iterable[str], model: str, limit: int
+    ) -> list[dict[str, Any]]:
+        """The newest ``limit`` rows of a per-model log table, newest first."""
         with self._session() as s:
             rows = s.scalars(
-                select(PromotionRow)
-                .where(PromotionRow.model == model)
-                .order_by(PromotionRow.id.desc())
-                .limit(limit)
+                select(table).where(table.model == model).order_by(table.id.desc()).limit(limit)
             ).all()
-            return [_row_dict(r, _PROMOTION_COLS) for r in rows]
+            return [_row_dict(r, columns) for r in rows]
+
+    def promotions(self, model: str, limit: int = 100) -> list[dict[str, Any]]:
+        return self._latest(PromotionRow, _PROMOTION_COLS, model, limit)
 
     # -- drift ---------------------------------------------------------------------------
 
@@ -523,14 +526,7 @@ class Registry:
             s.execute(update(DriftRow).where(DriftRow.id == drift_id).values(promotion_id=pid))
 
     def drifts(self, model: str, limit: int = 100) -> list[dict[str, Any]]:
-        with self._session() as s:
-            rows = s.scalars(
-                select(DriftRow)
-                .where(DriftRow.model == model)
-                .order_by(DriftRow.id.desc())
-                .limit(limit)
-            ).all()
-            return [_row_dict(r, _DRIFT_COLS) for r in rows]
+        return self._latest(DriftRow, _DRIFT_COLS, model, limit)
 
     # -- checkpoints, dedupe, fleet, events ---------------------------------------------------
 
