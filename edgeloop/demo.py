@@ -265,7 +265,10 @@ async def run_demo(
         # 200 parts, which leaves ADWIN (a little more sensitive than river's default) the
         # samples it needs to see the drift in the deployed model's error stream first
         promotion_window=200,
-        extra_cloud={"api": {"port": port}, "drift": {"params": {"delta": 0.01}}},
+        # a first champion learned on 300 parts (not 150): a weak one loses little to the drift,
+        # so its error stream barely moves and a margin promotion answers before ADWIN can
+        min_samples=300,
+        extra_cloud={"api": {"port": port}, "drift": {"params": {"delta": 0.05}}},
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
