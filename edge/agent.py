@@ -38,13 +38,21 @@ from typing import Any, Self
 from edge.config import EdgeConfigBase
 from edge.frames import FrameBuilder
 from edge.inference import LoadedModel, ModelLoadError, ModelSlot, load_model
+from edge.isolation import PackedSink, ProcessConnector
 from edge.metrics import EdgeMetrics, HealthServer
 from edge.model_sync import LabelExtractor, ModelSync
-from edge.outbox import Outbox, OutboxError
+from edge.outbox import Outbox, OutboxError, Storable
+from edge.packed import PackedReadings
 from edge.rules import ActionRunner, Firing, RuleEngine
 from edge.synthetic import SyntheticConfig, SyntheticConnector
 from edge.uplink import Uplink
-from protocols.base import Connector, ConnectorState, DurableCallback, load_connector_class
+from protocols.base import (
+    NO_ACK,
+    Connector,
+    ConnectorState,
+    DurableCallback,
+    load_connector_class,
+)
 from shared.records import Frame, Heartbeat, Label, Reading, Record, now_ns
 
 __all__ = ["Agent", "build_connector"]
@@ -62,10 +70,22 @@ def _noop(ok: bool) -> None:
 
 def build_connector(config: Any) -> Connector[Any]:
     """The connector for one ``connectors[]`` entry (no I/O)."""
+    if getattr(config, "isolation", "inline") == "process":
+        return ProcessConnector(config)
     if isinstance(config, SyntheticConfig):
         return SyntheticConnector(config)
     cls = load_connector_class(config.kind)
     return cls(config)
+
+
+def _count_readings(records: Sequence[Storable]) -> int:
+    n = 0
+    for r in records:
+        if type(r) is Reading:
+            n += 1
+        elif type(r) is PackedReadings:
+            n += r.n
+    return n
 
 
 class Agent:
@@ -106,9 +126,11 @@ class Agent:
         self.http: HealthServer | None = None
         if config.http.port is not None:
             self.http = HealthServer(config.http.host, config.http.port, self.health)
-        self._queue: list[tuple[str, Sequence[Reading]]] = []
+        # (connector, readings, packed): inline connectors deliver readings (packed is None);
+        # isolated ones deliver encoded rows for the outbox plus the readings state needs
+        self._queue: list[tuple[str, Sequence[Reading], Sequence[PackedReadings] | None]] = []
         self._queued = 0
-        self._carry: list[Record] = []
+        self._carry: list[Storable] = []
         # durability callbacks of the queued readings (connectors that ack upstream, e.g. MQTT
         # QoS 1), called after the outbox transaction holding those readings committed
         self._waiters: list[DurableCallback] = []
@@ -144,6 +166,11 @@ class Agent:
             await self.actions.start()
             for name, conn in self.connectors.items():
                 conn.set_sink(self._make_sink(name), acking=True)
+                if isinstance(conn, ProcessConnector):
+                    conn.set_packed_sink(
+                        self._make_packed_sink(name), max_rows=self.config.uplink.batch_size
+                    )
+                    conn.set_want(self._wanted_tags(name))
                 await conn.start()
             await self.uplink.start()
             if self.http is not None:
@@ -226,6 +253,7 @@ class Agent:
             return None
         self.slot.swap(model)
         self.frames.use_model_features(model.features)
+        self._update_wants()
         self.metrics.model_version.set(model.version)
         log.info(
             "model %s v%d active (%d features)",
@@ -239,6 +267,7 @@ class Agent:
         """Reactivate the previous model at once (the current one becomes previous)."""
         model = self.slot.rollback()
         self.frames.use_model_features(model.features)
+        self._update_wants()
         self.metrics.model_version.set(model.version)
         log.warning("model rolled back to %s v%d", model.manifest.name, model.version)
         return model
@@ -256,12 +285,51 @@ class Agent:
                 self.metrics.queue_dropped(name, n)
                 on_durable(False)
                 return
-            self._queue.append((name, readings))
+            self._queue.append((name, readings, None))
             self._queued += n
-            if on_durable is not _noop:
+            if on_durable is not _noop and on_durable is not NO_ACK:
                 self._waiters.append(on_durable)
 
         return sink
+
+    def _make_packed_sink(self, name: str) -> PackedSink:
+        def sink(
+            state: Sequence[Reading],
+            packed: Sequence[PackedReadings],
+            n: int,
+            on_durable: DurableCallback,
+        ) -> None:
+            if self._queued + n > self.config.queue_size:
+                self.metrics.queue_dropped(name, n)
+                on_durable(False)
+                return
+            self._queue.append((name, state, packed))
+            self._queued += n
+            self._waiters.append(on_durable)
+
+        return sink
+
+    def _wanted_tags(self, connector: str) -> frozenset[str] | None:
+        """Tags whose readings an isolated connector must deliver as objects (None: all).
+
+        Frames need their trigger and window tags, rules the tags they name; a rule that reads
+        tags it does not name, or label extraction on the connector, needs every reading.
+        """
+        if connector in self.label_extractor.by_connector:
+            return None
+        tags = self.frames.state_tags()
+        if self.rules.rules:
+            for ns in ("r", "age"):
+                keys = self.rules.needs.get(ns, frozenset())
+                if keys is None:
+                    return None
+                tags |= keys
+        return tags
+
+    def _update_wants(self) -> None:
+        for name, conn in self.connectors.items():
+            if isinstance(conn, ProcessConnector):
+                conn.set_want(self._wanted_tags(name))
 
     def ingest(self, connector: str, readings: Sequence[Reading]) -> None:
         """Offer readings as if ``connector`` had delivered them (bounded like a connector)."""
@@ -294,13 +362,21 @@ class Agent:
         waiters, self._waiters = self._carry_waiters + self._waiters, []
         self._carry_waiters = []
         now = time.monotonic()
-        readings: list[Reading] = []
+        readings: list[Reading] = []  # what updates asset state
+        stored: list[Reading] = []  # readings the outbox encodes (from inline connectors)
+        packed: list[PackedReadings] = []  # readings isolated connectors encoded already
         labels: list[Label] = []
         per_conn: dict[str, int] = {}
         extract = self.label_extractor.by_connector
-        for name, batch in queue:
+        for name, batch, rows in queue:
             readings.extend(batch)
-            per_conn[name] = per_conn.get(name, 0) + len(batch)
+            if rows is None:
+                stored.extend(batch)
+                n = len(batch)
+            else:
+                packed.extend(rows)
+                n = sum(p.n for p in rows)
+            per_conn[name] = per_conn.get(name, 0) + n
             if name in extract:
                 labels += self.label_extractor.extract(name, batch)
         pending = self.frames.observe(readings, now) if readings else []
@@ -316,13 +392,22 @@ class Agent:
         firings: list[Firing] = []
         if self.rules.rules:
             touched = {r.asset for r in readings} | {f.asset for f in frames}
+            touched |= {p.asset for p in packed}
             touched |= self.rules.watched_assets()
             ts = now_ns()
             for asset in touched:
                 firings += self.rules.evaluate(asset, self._rule_context(asset, now), now, ts)
         events = [f.event for f in firings if f.event is not None]
         emitted, self._emitted = self._emitted, []
-        records: list[Record] = [*self._carry, *readings, *frames, *labels, *events, *emitted]
+        records: list[Storable] = [
+            *self._carry,
+            *stored,
+            *packed,
+            *frames,
+            *labels,
+            *events,
+            *emitted,
+        ]
         if not records:
             self._notify(waiters, True)
             return
@@ -337,12 +422,12 @@ class Agent:
             raise
         self._notify(waiters, True)  # durable now: connectors may acknowledge upstream
         if self._carry:  # readings of an earlier tick whose write failed are in now
-            self.accepted_readings += sum(1 for r in self._carry if type(r) is Reading)
+            self.accepted_readings += _count_readings(self._carry)
         self._carry = []
         self.uplink.notify()
         self.ticks += 1
         self.labels_emitted += len(labels)
-        self.accepted_readings += len(readings)
+        self.accepted_readings += len(stored) + sum(p.n for p in packed)
         for name, n in per_conn.items():
             self.metrics.readings(name, n)
         if frames:

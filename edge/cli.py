@@ -9,49 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
-import sys
-import time
 from pathlib import Path
 
 import click
 
 from edge.config import EdgeConfigBase, load_edge_config
+from edge.logs import JsonFormatter, setup_logging
 from shared.config import ConfigError
 
-__all__ = ["edge"]
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts (UTC), level, logger, msg (+ exc)."""
-
-    converter = time.gmtime  # type: ignore[assignment]  # typeshed: gmtime(secs=None)
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
-def setup_logging(level: str, as_json: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if as_json
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+__all__ = ["JsonFormatter", "edge", "setup_logging"]
 
 
 async def run_agent(config: EdgeConfigBase, flush_timeout: float) -> None:

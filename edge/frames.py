@@ -271,6 +271,13 @@ class FrameBuilder:
                 ts.seen_at = at
         return out
 
+    def state_tags(self) -> frozenset[str]:
+        """Every tag some frame reads: triggers and window (feature) tags, over all assets."""
+        tags: set[str] = set(self._triggers.values())
+        for asset in self.specs:
+            tags |= self._windowed_tags(asset)
+        return frozenset(tags)
+
     def _special(self, asset: str) -> frozenset[str]:
         """Tags of ``asset`` whose every reading counts: window (feature) tags and the trigger."""
         got = self._special_tags.get(asset)

@@ -37,12 +37,15 @@ from typing import Any, Literal, Self, TypeVar
 
 import msgpack
 
+from edge.packed import PackedReadings, seal_packed
 from shared.records import Heartbeat, Reading, Record
 from shared.wire import MAGIC, SCHEMA_VERSION, Batch, Kind, decode_batch, encode_batch, kind_of
 
-__all__ = ["ClaimedBatch", "Outbox", "OutboxError", "OutboxStats"]
+__all__ = ["ClaimedBatch", "Outbox", "OutboxError", "OutboxStats", "Storable"]
 
 T = TypeVar("T")
+#: what the outbox stores: records, and reading rows an isolated connector encoded already
+Storable = Record | PackedReadings
 BATCH_OVERHEAD = 64  # bytes per stored batch beyond its payload (row header, index entries)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -246,28 +249,45 @@ class Outbox:
 
     # --- writes -------------------------------------------------------------------------
 
-    async def append(self, records: Sequence[Record]) -> int:
+    async def append(self, records: Sequence[Storable]) -> int:
         """Seal ``records`` into numbered batches and store them in one transaction.
 
-        Returns how many records were stored (fewer than given only under ``drop_newest``).
-        Record order is kept within each (kind, asset).
+        Returns how many records were stored (fewer than given only under ``drop_newest``;
+        :class:`~edge.packed.PackedReadings` count as the readings they hold). Record order is
+        kept within each (kind, asset); packed rows are batched per (asset, source).
         """
         if not records:
             return 0
         return await self._call(self._append, records)
 
-    def _seal(self, records: Sequence[Record], first_seq: int) -> list[tuple[Any, ...]]:
-        groups: dict[tuple[type, str], list[list[Record]]] = {}
-        order: list[list[Record]] = []
+    def _seal(self, records: Sequence[Storable], first_seq: int) -> list[tuple[Any, ...]]:
+        groups: dict[tuple[type, str], list[list[Any]]] = {}
+        order: list[list[Any]] = []
         size = self.batch_size
         # records come in runs of one kind and asset (a device's poll): look the group up once
         # per run; a chunk is full at batch_size records
         cur_t: type | None = None
         cur_k = ""
-        chunk: list[Record] = []
-        chunks: list[list[Record]] = []
+        chunk: list[Any] = []
+        chunks: list[list[Any]] = []
+        packed: dict[tuple[str, tuple[str, int]], list[list[PackedReadings]]] = {}
+        packed_n: dict[int, int] = {}  # id(chunk) -> readings in it
         for rec in records:
             t = type(rec)
+            if t is PackedReadings:  # rows from an isolated connector: chunk by reading count
+                p: PackedReadings = rec  # type: ignore[assignment]
+                pchunks = packed.get((p.asset, p.source))
+                if pchunks is None:
+                    pchunks = packed[(p.asset, p.source)] = [[]]
+                    order.append(pchunks[0])
+                pchunk = pchunks[-1]
+                if pchunk and packed_n[id(pchunk)] + p.n > size:
+                    pchunk = []
+                    pchunks.append(pchunk)
+                    order.append(pchunk)
+                pchunk.append(p)
+                packed_n[id(pchunk)] = packed_n.get(id(pchunk), 0) + p.n
+                continue
             k = rec.agent_id if t is Heartbeat else rec.asset  # type: ignore[union-attr]
             if t is not cur_t or k != cur_k:
                 cur_t, cur_k = t, k
@@ -289,9 +309,15 @@ class Outbox:
         agent = self.agent_id
         for chunk in order:
             first = chunk[0]
+            if type(first) is PackedReadings:
+                kind = Kind.READING
+                payload = seal_packed(agent, seq, now, chunk)
+                rows.append((seq, int(kind), first.asset, packed_n[id(chunk)], now, payload))
+                seq += 1
+                continue
             if type(first) is Reading:
                 kind = Kind.READING
-                payload = encode_readings(agent, seq, now, chunk)  # type: ignore[arg-type]
+                payload = encode_readings(agent, seq, now, chunk)
             else:
                 kind = kind_of(first)
                 payload = encode_batch(Batch(agent, seq, kind, chunk, now))
@@ -299,7 +325,7 @@ class Outbox:
             seq += 1
         return rows
 
-    def _append(self, records: Sequence[Record]) -> int:
+    def _append(self, records: Sequence[Storable]) -> int:
         db = self.db
         rows = self._seal(records, self.next_seq)
         incoming = sum(len(r[5]) + BATCH_OVERHEAD for r in rows)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from importlib.metadata import entry_points
 from types import TracebackType
-from typing import Any, ClassVar, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from prometheus_client import Counter, Gauge
 from pydantic import Field
@@ -48,6 +48,7 @@ from shared.config import ConfigModel
 from shared.records import Reading, Value
 
 __all__ = [
+    "NO_ACK",
     "AckingSink",
     "Backoff",
     "BackoffConfig",
@@ -159,6 +160,11 @@ class ConnectorConfig(ConfigModel):
     )
     name: str = Field(..., min_length=1, description="Unique connector name (metrics label)")
     backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+    isolation: Literal["inline", "process"] = Field(
+        "inline",
+        description="inline: run on the agent's event loop; process: run in a worker process "
+        "of its own that hands the agent readings already encoded (uses a second core)",
+    )
 
 
 C = TypeVar("C", bound=ConnectorConfig)
@@ -361,6 +367,10 @@ class Connector(ABC, Generic[C]):
 
 def _durable_noop(ok: bool) -> None:
     return None
+
+
+#: the ``on_durable`` an acking sink receives when the connector has nothing to acknowledge
+NO_ACK: DurableCallback = _durable_noop
 
 
 def available_connectors() -> dict[str, Any]:

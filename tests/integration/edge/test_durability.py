@@ -5,12 +5,15 @@ arrives exactly once, with no gaps."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from edge.agent import Agent
 from edge.config import EdgeConfig
@@ -21,7 +24,7 @@ ASSETS = [f"m{i}" for i in range(1, 6)]
 TAGS = [f"t{i:02d}" for i in range(20)]
 
 
-def doc(tmp_path: Path, bootstrap: str, agent_id: str) -> dict:
+def doc(tmp_path: Path, bootstrap: str, agent_id: str, isolation: str = "inline") -> dict:
     return {
         "agent_id": agent_id,
         "state_dir": str(tmp_path / "state"),
@@ -34,6 +37,7 @@ def doc(tmp_path: Path, bootstrap: str, agent_id: str) -> dict:
                 "tags": TAGS,
                 "interval": 0.02,
                 "cycle": 0.5,
+                "isolation": isolation,
             }
         ],
         "frames": [
@@ -116,19 +120,45 @@ def _outbox(path: Path) -> tuple[int, int]:
     return rows, nxt
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("isolation", ["inline", "process"])
 async def test_agent_sigkilled_under_load_and_restarted_loses_nothing(
-    tmp_path, kafka_broker_factory
+    tmp_path, kafka_broker_factory, isolation
 ):
     broker = kafka_broker_factory()
-    cfg = write_config(tmp_path / "edge.yaml", doc(tmp_path, broker.bootstrap, "gw-kill"))
+    cfg = write_config(
+        tmp_path / "edge.yaml", doc(tmp_path, broker.bootstrap, "gw-kill", isolation)
+    )
     log = tmp_path / "agent.log"
     procs: list[subprocess.Popen[bytes]] = []
     try:
         async with Collector(broker.bootstrap, "gw-kill") as col:
             procs.append(_spawn(cfg, log))
             await wait_until(lambda: len(col.readings) > 10_000, 40, "readings from the agent")
+            workers = _children(procs[0].pid)
+            assert len(workers) == (1 if isolation == "process" else 0)
             os.kill(procs[0].pid, signal.SIGKILL)
             assert procs[0].wait(timeout=10) == -signal.SIGKILL
+            # a connector worker notices its agent is gone and exits: no orphan keeps polling
+            await wait_until(lambda: not any(map(_alive, workers)), 10, "the worker gone")
             seen = len(col.readings)
             procs.append(_spawn(cfg, log))
             await wait_until(lambda: len(col.readings) > seen + 10_000, 40, "the restarted agent")

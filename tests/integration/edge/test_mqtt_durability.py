@@ -63,8 +63,9 @@ class Publisher:
         self.client.loop_stop()
 
 
+@pytest.mark.parametrize("isolation", ["inline", "process"])
 async def test_mqtt_qos1_stream_survives_sigkill_without_gap(
-    tmp_path: Path, kafka_broker_factory, mqtt_broker_factory
+    tmp_path: Path, kafka_broker_factory, mqtt_broker_factory, isolation: str
 ) -> None:
     kafka = kafka_broker_factory()
     mosq = mqtt_broker_factory()
@@ -81,6 +82,8 @@ async def test_mqtt_qos1_stream_survives_sigkill_without_gap(
                     "client_id": "edge-mqtt-kill",  # fixed: the persistent session survives
                     "persistent_session": True,
                     "subscriptions": [{"topic": "line/{asset}/{tag}", "qos": 1}],
+                    # process: the worker acks upstream only when the agent says "durable"
+                    "isolation": isolation,
                 }
             ],
             "uplink": {

@@ -20,7 +20,7 @@ from simulators.config import SimConfig  # noqa: E402
 MACHINES = ["m1", "m2"]
 
 
-def modbus_connector(host: str, port: int) -> dict:
+def modbus_connector(host: str, port: int, isolation: str = "inline") -> dict:
     points = [
         {"tag": "spindle_temp", "table": "input", "address": 4, "type": "float32"},
         {"tag": "vibration_rms", "table": "input", "address": 6, "type": "float32"},
@@ -33,6 +33,7 @@ def modbus_connector(host: str, port: int) -> dict:
         "name": "line1",
         "transport": {"type": "tcp", "host": host, "port": port},
         "timeout": 2.0,
+        "isolation": isolation,
         "devices": [
             {"unit_id": i + 1, "asset": a, "poll_interval": 0.05, "points": points}
             for i, a in enumerate(MACHINES)
@@ -40,8 +41,9 @@ def modbus_connector(host: str, port: int) -> dict:
     }
 
 
+@pytest.mark.parametrize("isolation", ["inline", "process"])
 async def test_simulator_through_agent_into_kafka_with_write_back(
-    tmp_path, kafka_broker, mqtt_broker
+    tmp_path, kafka_broker, mqtt_broker, isolation
 ):
     path, mpath, sk = export(tmp_path)
     sim_cfg = SimConfig.model_validate(
@@ -58,14 +60,14 @@ async def test_simulator_through_agent_into_kafka_with_write_back(
         assert sub.ready.wait(10)
         async with (
             factory.FactorySimulator(sim_cfg) as sim,
-            Collector(kafka_broker, "gw-sim") as col,
+            Collector(kafka_broker, f"gw-sim-{isolation}") as col,
         ):
             host, port = sim.modbus_address
             cfg = EdgeConfig.model_validate(
                 {
-                    "agent_id": "gw-sim",
+                    "agent_id": f"gw-sim-{isolation}",
                     "state_dir": str(tmp_path / "state"),
-                    "connectors": [modbus_connector(host, port)],
+                    "connectors": [modbus_connector(host, port, isolation)],
                     "frames": [{"asset": a, "trigger": {"tag": "part_counter"}} for a in MACHINES],
                     "model": {"path": str(path), "manifest": str(mpath)},
                     "rules": [
@@ -120,4 +122,4 @@ async def test_simulator_through_agent_into_kafka_with_write_back(
     topic, body = sub.messages[0]
     assert topic == "alarms/m1/part_scored" and body["rule"] == "part_scored"
     assert sim.scenario.alarm_lamp[1] is False  # the rule only applies to m1
-    col.assert_exactly_once("gw-sim")
+    col.assert_exactly_once(f"gw-sim-{isolation}")
