@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -195,6 +196,10 @@ async def serve(fd: int) -> int:
         host.connector = conn
         conn.set_sink(host.sink, acking=True)
         await conn.start()
+        # what is alive now (modules, the connector's plan) lives as long as the worker: keep it
+        # out of the collector's generations, which then only walk the readings in flight
+        gc.collect()
+        gc.freeze()
         reporter = asyncio.create_task(host.report(), name="connector-host:report")
         while True:
             msg = await read_message(reader)

@@ -95,7 +95,7 @@ def seal_packed(agent_id: str, seq: int, created_ns: int, chunk: Sequence[Packed
     )
 
 
-def _packs(row: list[Any]) -> bool:
+def _packs(row: tuple[Any, ...]) -> bool:
     try:
         msgpack.packb(row, use_bin_type=True, default=_big)
     except (TypeError, ValueError, OverflowError):
@@ -128,7 +128,7 @@ class RowPacker:
         self.max_rows = max_rows
         self._index: dict[str, _Index] = {}
         self._sent: dict[str, int] = {}  # table length the receiving side knows, per asset
-        self._rows: dict[str, list[list[Any]]] = {}
+        self._rows: dict[str, list[tuple[Any, ...]]] = {}
         self.pending = 0
         self.refused = 0  # rows whose value could not be encoded (dropped, never fatal)
 
@@ -141,19 +141,19 @@ class RowPacker:
             # one asset (a device's poll): one comprehension, no per-reading branching
             index = self._index_of(first)
             self._rows[first].extend(
-                [[0, index[r.tag], r.ts_ns, r.value, r.quality, r.status] for r in readings]
-            )  # an IntEnum quality packs as its int
+                [(0, index[r.tag], r.ts_ns, r.value, r.quality, r.status) for r in readings]
+            )  # tuples pack as arrays; an IntEnum quality packs as its int
             return
         cur: str | None = None
         index = _Index(first)
-        rows: list[list[Any]] = []
+        rows: list[tuple[Any, ...]] = []
         for r in readings:
             a = r.asset
             if a != cur:
                 cur = a
                 index = self._index_of(a)
                 rows = self._rows[a]
-            rows.append([0, index[r.tag], r.ts_ns, r.value, r.quality, r.status])
+            rows.append((0, index[r.tag], r.ts_ns, r.value, r.quality, r.status))
 
     def _index_of(self, asset: str) -> _Index:
         got = self._index.get(asset)
