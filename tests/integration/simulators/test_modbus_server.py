@@ -84,3 +84,27 @@ async def test_every_pipelined_request_in_one_segment_is_answered(frozen_sim) ->
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_fast_register_reads_answer_byte_for_byte_like_pymodbus(frozen_sim) -> None:
+    """The simulator answers FC 3/4 without pymodbus's PDU objects; every answer — values and
+    exceptions (bad count, illegal address, offline and unknown units) — is the same bytes."""
+    sim = frozen_sim
+    step(sim, 40.0)
+    await sim.update_once()
+    server = sim.modbus
+    cases = [
+        (fc, unit, address, count)
+        for fc in (3, 4)
+        for unit in (1, 2, 3, 42, LINE_METER_UNIT)
+        for address, count in ((0, 1), (0, 17), (4, 2), (13, 2), (16, 2), (0, 125), (5, 0),
+                               (0, 126), (65535, 1), (100, 20))
+    ]  # fmt: skip
+    for fc, unit, address, count in cases:
+        pdu = struct.pack(">BHH", fc, address, count)
+        server.fast_reads = True
+        fast = await server._answer(7, unit, pdu)
+        server.fast_reads = False
+        slow = await server._answer(7, unit, pdu)
+        assert fast == slow, (fc, unit, address, count, fast, slow)
+    server.fast_reads = True
