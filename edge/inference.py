@@ -67,10 +67,21 @@ class LoadedModel:
         names = [self.label_output] + ([self.score_output] if self.score_output else [])
         outs = self.session.run(names, {self.input_name: x.astype(self.dtype, copy=False)})
         labels = np.asarray(outs[0]).reshape(len(x), -1)[:, 0]
-        preds = [float(v) for v in labels]
+        preds: list[float] = labels.astype(np.float64).tolist()
         scores: list[float | None] = [None] * len(x)
         if self.score_output:
-            scores = [_score(row) for row in _rows(outs[1], len(x))]
+            out = outs[1]
+            if (
+                isinstance(out, np.ndarray)
+                and out.ndim == 2
+                and out.shape[0] == len(x)
+                and out.shape[1] > 0
+            ):
+                # the usual probability matrix: one vectorised step, not one array per row
+                col = out[:, 1] if out.shape[1] == 2 else out.max(axis=1)
+                scores = col.astype(np.float64).tolist()
+            else:
+                scores = [_score(row) for row in _rows(out, len(x))]
         return preds, scores
 
 
