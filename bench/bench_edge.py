@@ -39,9 +39,9 @@ from edgeloop.services import TansuBroker, free_port
 
 MACHINES = 10
 AUX = 96  # + 4 core tags = 100 tags per machine, 1,000 in all
-WINDOW = 6.0  # seconds of steady state measured per agent round
-RAW_WINDOW = 4.0  # seconds of the raw connector loop per round
-ROUNDS = 3  # raw / end-to-end pairs
+WINDOW = 5.0  # seconds of steady state measured per agent round
+RAW_WINDOW = 3.0  # seconds of the raw connector loop per round
+ROUNDS = 5  # raw / end-to-end pairs
 
 
 def _points() -> list[dict[str, Any]]:
@@ -415,9 +415,14 @@ async def _run(tmp: Path) -> list[Result]:
         [("raw modbus connector loop", raw_conn), ("raw aiokafka produce", raw_kafka)],
         key=lambda kv: kv[1],
     )
+    ratios = [p["e2e"] / r for r, p in zip(raws, proc, strict=True)]
     print(
-        "   edge: rounds (raw, e2e): "
-        + ", ".join(f"({r:,.0f}, {p['e2e']:,.0f})" for r, p in zip(raws, proc, strict=True))
+        "   edge: rounds (raw, e2e, ratio): "
+        + ", ".join(
+            f"({r:,.0f}, {p['e2e']:,.0f}, {p['e2e'] / r:.2f}x)"
+            for r, p in zip(raws, proc, strict=True)
+        )
+        + f"; median of the round ratios {_median(ratios):.2f}x"
         + f"; last round: {last['frames']:.0f} frames ({last['scored']:.0f} scored) in "
         f"{last['infer_n']:.0f} model calls, mean "
         f"{1e3 * last['infer_s'] / max(last['infer_n'], 1):.3f} ms/call; outbox depth at end "
