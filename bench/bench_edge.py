@@ -447,6 +447,16 @@ async def _run(tmp: Path) -> list[Result]:
             f"slowest raw stage: {slowest_name}",
             slowest,
         ),
+        Result(
+            "edge",
+            f"end to end / raw, median of {ROUNDS} interleaved rounds (process): "
+            + " ".join(f"{x:.2f}" for x in ratios),
+            _median(ratios),
+            "x",
+            "",
+            None,
+            ">= 0.8x",
+        ),
         Result("edge", f"raw modbus connector loop (median of {ROUNDS})", raw_conn, "rec/s"),
         Result("edge", "raw aiokafka produce (500-reading batches)", raw_kafka, "rec/s"),
         Result(

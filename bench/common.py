@@ -46,7 +46,7 @@ def format_table(results: list[Result]) -> str:
             (
                 r.bench,
                 r.metric,
-                f"{r.value:,.1f} {r.unit}",
+                f"{r.value:.2f}x" if r.unit == "x" else f"{r.value:,.1f} {r.unit}",
                 r.ceiling_name,
                 ceiling,
                 ratio,
