@@ -168,6 +168,7 @@ class ProcessConnector(Connector[ConnectorConfig]):
         self._write_ids = itertools.count(1)
         self._metric_last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.worker_dropped = 0
+        self._fatal: str | None = None  # why the current worker gave up, if it said so
 
     # --- agent-facing --------------------------------------------------------------------
 
@@ -204,6 +205,7 @@ class ProcessConnector(Connector[ConnectorConfig]):
         finally:
             theirs.close()
         self.pid = proc.pid
+        self._fatal = None
         self.generation += 1
         self._tables = {}
         self._metric_last = {}
@@ -241,7 +243,8 @@ class ProcessConnector(Connector[ConnectorConfig]):
                     raise asyncio.CancelledError
             async with asyncio.timeout(STOP_TIMEOUT):
                 code = await proc.wait()
-            raise ConnectorError(f"connector worker {proc.pid} exited with code {code}")
+            why = f": {self._fatal}" if self._fatal else ""
+            raise ConnectorError(f"connector worker {proc.pid} exited with code {code}{why}")
         except asyncio.CancelledError:
             # stop(): let the worker stop its connector and flush what it holds, deliver that
             await asyncio.shield(self._drain(reader, proc))
@@ -300,6 +303,7 @@ class ProcessConnector(Connector[ConnectorConfig]):
                     )
         elif what == "fatal":
             log.error("connector %s: worker failed: %s", self.name, msg[1])
+            self._fatal = str(msg[1])
             self._status = ConnectorStatus(ConnectorState.RECONNECTING, msg[1])
         else:
             raise ConnectorError(f"connector worker sent an unknown message {what!r}")
