@@ -37,6 +37,35 @@ def test_frames_are_scored_in_one_call_matching_sklearn(tmp_path):
     assert {f.model_version for f in out} == {1}
 
 
+def test_scored_frames_are_ordinary_checked_frames(tmp_path):
+    """score builds frames without re-running their checks: each equals (and hashes like) the
+    frame the record's own constructor builds and validates from the same fields."""
+    from shared.records import Frame
+    from shared.wire import Batch, Kind, decode_batch, encode_batch
+
+    path, mpath, _ = export(tmp_path)
+    slot = ModelSlot()
+    slot.swap(load_model(path, mpath))
+    feats = {FEATURES[0]: 50.0, FEATURES[1]: 3.0, FEATURES[2]: float("nan")}
+    frames = [PendingFrame("m1", "m1-1", T0, feats, ["x"]), pending(2, {"other": 1.0})]
+    out = slot.score(frames)
+    for got in out:
+        checked = Frame(
+            got.asset,
+            got.key,
+            got.ts_ns,
+            got.features,
+            got.prediction,
+            got.model_version,
+            got.score,
+            got.marks,
+        )
+        assert got == checked and type(got.marks) is tuple
+    assert out[0].marks == ("x",) and out[1].model_version is None
+    back = decode_batch(encode_batch(Batch("gw", 1, Kind.FRAME, out))).records
+    assert [f.key for f in back] == ["m1-1", "m1-2"]
+
+
 def test_frame_missing_a_model_feature_is_kept_unscored(tmp_path):
     path, mpath, _ = export(tmp_path)
     slot = ModelSlot()
