@@ -280,17 +280,27 @@ class Agent:
 
     def _make_sink(self, name: str) -> Any:
         def sink(readings: Sequence[Reading], on_durable: DurableCallback = _noop) -> None:
-            n = len(readings)
-            if self._queued + n > self.config.queue_size:
-                self.metrics.queue_dropped(name, n)
-                on_durable(False)
-                return
-            self._queue.append((name, readings, None))
-            self._queued += n
-            if on_durable is not _noop and on_durable is not NO_ACK:
-                self._waiters.append(on_durable)
+            self._admit(name, readings, None, len(readings), on_durable)
 
         return sink
+
+    def _admit(
+        self,
+        name: str,
+        readings: Sequence[Reading],
+        packed: Sequence[PackedReadings] | None,
+        n: int,
+        on_durable: DurableCallback,
+    ) -> None:
+        """Queue a delivery for the next tick, or refuse it (counted) when the queue is full."""
+        if self._queued + n > self.config.queue_size:
+            self.metrics.queue_dropped(name, n)
+            on_durable(False)
+            return
+        self._queue.append((name, readings, packed))
+        self._queued += n
+        if on_durable is not _noop and on_durable is not NO_ACK:
+            self._waiters.append(on_durable)
 
     def _make_packed_sink(self, name: str) -> PackedSink:
         def sink(
@@ -299,13 +309,7 @@ class Agent:
             n: int,
             on_durable: DurableCallback,
         ) -> None:
-            if self._queued + n > self.config.queue_size:
-                self.metrics.queue_dropped(name, n)
-                on_durable(False)
-                return
-            self._queue.append((name, state, packed))
-            self._queued += n
-            self._waiters.append(on_durable)
+            self._admit(name, state, packed, n, on_durable)
 
         return sink
 

@@ -52,6 +52,7 @@ from protocols.base import (
     WriteError,
 )
 from shared.records import Quality, Reading, Value
+from shared.wire import pack_default, unpack_ext
 
 __all__ = [
     "PackedSink",
@@ -73,29 +74,18 @@ WORKER_SILENCE = 15.0
 #: how long a stopping worker may take to flush and exit before it is killed
 STOP_TIMEOUT = 10.0
 WRITE_TIMEOUT = 30.0
-_EXT_BIGINT = 1
-
-
-def _big(value: Any) -> Any:
-    if type(value) is int:
-        n = (value.bit_length() + 8) // 8
-        return msgpack.ExtType(_EXT_BIGINT, value.to_bytes(n, "big", signed=True))
-    raise TypeError(f"cannot send a {type(value).__name__}")
-
-
-def _ext(code: int, data: bytes) -> Any:
-    if code == _EXT_BIGINT:
-        return int.from_bytes(data, "big", signed=True)
-    return msgpack.ExtType(code, data)
 
 
 def encode_message(*fields: Any) -> bytes:
-    body: bytes = msgpack.packb(list(fields), use_bin_type=True, default=_big)
+    body: bytes = msgpack.packb(list(fields), use_bin_type=True, default=pack_default)
     return _LEN.pack(len(body)) + body
 
 
 def decode_message(body: bytes) -> list[Any]:
-    msg = msgpack.unpackb(body, raw=False, ext_hook=_ext, strict_map_key=False)
+    try:
+        msg = msgpack.unpackb(body, raw=False, ext_hook=unpack_ext, strict_map_key=False)
+    except ValueError as exc:  # msgpack's errors and WireDecodeError are ValueErrors
+        raise ConnectorError(f"connector worker sent an undecodable message: {exc}") from None
     if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
         raise ConnectorError(f"connector worker sent a malformed message ({body[:40]!r}...)")
     return msg

@@ -25,12 +25,11 @@ from typing import Any
 import msgpack
 
 from shared.records import Reading
-from shared.wire import MAGIC, SCHEMA_VERSION, Kind
+from shared.wire import MAGIC, SCHEMA_VERSION, Kind, pack_default
 
 __all__ = ["PackedReadings", "RowPacker", "array_header", "seal_packed"]
 
 _READING_HEADER = struct.pack("!2sBB", MAGIC, SCHEMA_VERSION, int(Kind.READING))
-_EXT_BIGINT = 1  # shared.wire's extension type for integers beyond 64 bits
 _I64_MIN, _U64_MAX = -(2**63), 2**64 - 1
 
 
@@ -71,14 +70,6 @@ def _strip_array_header(blob: bytes) -> bytes:
     return blob[3:] if first == 0xDC else blob[5:]
 
 
-def _big(value: Any) -> Any:
-    """msgpack ``default``: an int beyond 64 bits as shared.wire's big-integer extension."""
-    if type(value) is int:
-        n = (value.bit_length() + 8) // 8
-        return msgpack.ExtType(_EXT_BIGINT, value.to_bytes(n, "big", signed=True))
-    raise TypeError(f"cannot encode {type(value).__name__} in a reading row")
-
-
 def seal_packed(agent_id: str, seq: int, created_ns: int, chunk: Sequence[PackedReadings]) -> bytes:
     """One wire reading batch from fragments of one source and asset (byte concatenation)."""
     table = max((p.table for p in chunk), key=len)
@@ -97,7 +88,7 @@ def seal_packed(agent_id: str, seq: int, created_ns: int, chunk: Sequence[Packed
 
 def _packs(row: tuple[Any, ...]) -> bool:
     try:
-        msgpack.packb(row, use_bin_type=True, default=_big)
+        msgpack.packb(row, use_bin_type=True, default=pack_default)
     except (TypeError, ValueError, OverflowError):
         return False
     return True
@@ -180,14 +171,14 @@ class RowPacker:
             for i in range(0, len(rows), cap):
                 part = rows[i : i + cap]
                 try:
-                    blob = msgpack.packb(part, use_bin_type=True, default=_big)
+                    blob = msgpack.packb(part, use_bin_type=True, default=pack_default)
                 except (TypeError, ValueError, OverflowError):
                     before = len(part)
                     part = [row for row in part if _packs(row)]
                     self.refused += before - len(part)
                     if not part:
                         continue
-                    blob = msgpack.packb(part, use_bin_type=True, default=_big)
+                    blob = msgpack.packb(part, use_bin_type=True, default=pack_default)
                 frags.append((asset, len(table), len(part), _strip_array_header(blob)))
         self._rows = {}
         self.pending = 0

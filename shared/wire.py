@@ -47,6 +47,8 @@ __all__ = [
     "decode_batch",
     "encode_batch",
     "kind_of",
+    "pack_default",
+    "unpack_ext",
 ]
 
 MAGIC = b"EL"
@@ -119,6 +121,20 @@ def _enc_any(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_enc_any(v) for v in value]
     return value
+
+
+def pack_default(value: Any) -> Any:
+    """msgpack ``default`` for hand-built payloads: an int beyond 64 bits as the big-integer
+    extension (msgpack calls it for nothing else it can pack)."""
+    if type(value) is int:
+        n = (value.bit_length() + 8) // 8
+        return msgpack.ExtType(_EXT_BIGINT, value.to_bytes(n, "big", signed=True))
+    raise TypeError(f"cannot encode a {type(value).__name__}")
+
+
+def unpack_ext(code: int, data: bytes) -> Any:
+    """msgpack ``ext_hook`` matching :func:`pack_default` (raises WireDecodeError otherwise)."""
+    return _ext_hook(code, data)
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
