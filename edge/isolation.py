@@ -313,7 +313,9 @@ class ProcessConnector(Connector[ConnectorConfig]):
             PackedReadings(asset, source, tables[asset], n, rows) for asset, _len, n, rows in frags
         ]
         n = sum(p.n for p in packed)
-        if not n:
+        if not n:  # nothing storable (the worker dropped what it could not encode, counted)
+            if acking:
+                self._send("durable", [seq], True)  # or the worker waits for it forever
             return
         self.readings_total += n
         self._m_readings.inc(n)
