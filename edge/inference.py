@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from edge.frames import PendingFrame
 from shared.manifest import ManifestError, ModelManifest
-from shared.records import Frame
+from shared.records import Frame, trusted_frame
 
 __all__ = ["LoadedModel", "ModelLoadError", "ModelSlot", "load_model"]
 
@@ -284,22 +284,6 @@ class ModelSlot:
         return out
 
 
-_new = object.__new__
-_FRAME_SET = tuple(
-    Frame.__dict__[name].__set__
-    for name in (
-        "asset",
-        "key",
-        "ts_ns",
-        "features",
-        "prediction",
-        "model_version",
-        "score",
-        "marks",
-    )
-)
-
-
 def _frame(
     p: PendingFrame, prediction: float | None, version: int | None, score: float | None
 ) -> Frame:
@@ -311,14 +295,6 @@ def _frame(
     10-frame ``score`` call; the result is an ordinary ``Frame`` (tests compare it with a checked
     one).
     """
-    f: Frame = _new(Frame)
-    s_asset, s_key, s_ts, s_feats, s_pred, s_ver, s_score, s_marks = _FRAME_SET
-    s_asset(f, p.asset)
-    s_key(f, p.key)
-    s_ts(f, p.ts_ns)
-    s_feats(f, p.features)
-    s_pred(f, prediction)
-    s_ver(f, version)
-    s_score(f, score)
-    s_marks(f, tuple(p.marks))
-    return f
+    return trusted_frame(
+        p.asset, p.key, p.ts_ns, p.features, prediction, version, score, tuple(p.marks)
+    )

@@ -51,7 +51,7 @@ from protocols.base import (
     DurableCallback,
     WriteError,
 )
-from shared.records import Quality, Reading, Value
+from shared.records import Quality, Reading, Value, trusted_reading
 from shared.wire import pack_default, unpack_ext
 
 __all__ = [
@@ -109,29 +109,16 @@ async def read_message(reader: asyncio.StreamReader) -> list[Any] | None:
     return decode_message(body)
 
 
-_new = object.__new__
-_SETTERS = tuple(
-    Reading.__dict__[name].__set__
-    for name in ("asset", "tag", "ts_ns", "value", "quality", "status")
-)
 _QUALITY = {int(q): q for q in Quality}
 
 
 def _readings(cols: list[list[Any]]) -> list[Reading]:
     """Reading objects from the worker's columns (built and checked by the connector there)."""
-    s_asset, s_tag, s_ts, s_value, s_quality, s_status = _SETTERS
-    out: list[Reading] = []
     quality = _QUALITY
-    for a, t, ts, v, q, st in zip(*cols, strict=True):
-        r: Reading = _new(Reading)
-        s_asset(r, a)
-        s_tag(r, t)
-        s_ts(r, ts)
-        s_value(r, v)
-        s_quality(r, quality[q])
-        s_status(r, st)
-        out.append(r)
-    return out
+    return [
+        trusted_reading(a, t, ts, v, quality[q], st)
+        for a, t, ts, v, q, st in zip(*cols, strict=True)
+    ]
 
 
 class ProcessConnector(Connector[ConnectorConfig]):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import struct
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +36,9 @@ from typing import Any, Literal, Self, TypeVar
 
 import msgpack
 
-from edge.packed import PackedReadings, seal_packed
+from edge.packed import READING_HEADER, PackedReadings, seal_packed
 from shared.records import Heartbeat, Reading, Record
-from shared.wire import MAGIC, SCHEMA_VERSION, Batch, Kind, decode_batch, encode_batch, kind_of
+from shared.wire import Batch, Kind, decode_batch, encode_batch, kind_of
 
 __all__ = ["ClaimedBatch", "Outbox", "OutboxError", "OutboxStats", "Storable"]
 
@@ -97,7 +96,6 @@ def _key(rec: Record) -> str:
     return rec.agent_id if type(rec) is Heartbeat else rec.asset  # type: ignore[union-attr]
 
 
-_READING_HEADER = struct.pack("!2sBB", MAGIC, SCHEMA_VERSION, int(Kind.READING))
 _I64_MIN, _U64_MAX = -(2**63), 2**64 - 1
 
 
@@ -128,7 +126,7 @@ def encode_readings(agent_id: str, seq: int, created_ns: int, chunk: Sequence[Re
             return encode_batch(Batch(agent_id, seq, Kind.READING, chunk, created_ns))
         append([ai, ti, r.ts_ns, v, r.quality, r.status])  # an IntEnum packs as its int
     body: bytes = msgpack.packb([agent_id, seq, created_ns, table, rows], use_bin_type=True)
-    return _READING_HEADER + body
+    return READING_HEADER + body
 
 
 class Outbox:

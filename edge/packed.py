@@ -27,10 +27,10 @@ import msgpack
 from shared.records import Reading
 from shared.wire import MAGIC, SCHEMA_VERSION, Kind, pack_default
 
-__all__ = ["PackedReadings", "RowPacker", "array_header", "seal_packed"]
+__all__ = ["READING_HEADER", "PackedReadings", "RowPacker", "array_header", "seal_packed"]
 
-_READING_HEADER = struct.pack("!2sBB", MAGIC, SCHEMA_VERSION, int(Kind.READING))
-_I64_MIN, _U64_MAX = -(2**63), 2**64 - 1
+#: the wire header of a reading batch (shared with the outbox's own reading encoder)
+READING_HEADER = struct.pack("!2sBB", MAGIC, SCHEMA_VERSION, int(Kind.READING))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +77,7 @@ def seal_packed(agent_id: str, seq: int, created_ns: int, chunk: Sequence[Packed
     head = msgpack.packb([agent_id, seq, created_ns, list(table)], use_bin_type=True)
     return b"".join(
         (
-            _READING_HEADER,
+            READING_HEADER,
             b"\x95",  # the 5-element body: the 4 packed above, then the rows
             _strip_array_header(head),
             array_header(n),

@@ -36,6 +36,7 @@ from shared.records import (
     Reading,
     Record,
     RecordError,
+    slot_setters,
 )
 
 __all__ = [
@@ -239,15 +240,8 @@ _STR = frozenset((str,))
 _INT = frozenset((int,))
 
 
-def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
-    return tuple(cls.__dict__[name].__set__ for name in names)
-
-
-_FRAME_SET = _slot_setters(
-    Frame,
-    ("asset", "key", "ts_ns", "features", "prediction", "model_version", "score", "marks"),
-)
-_LABEL_SET = _slot_setters(Label, ("asset", "key", "ts_ns", "target"))
+_FRAME_SET = slot_setters(Frame)  # asset, key, ts_ns, features, prediction, model_version, ...
+_LABEL_SET = slot_setters(Label)  # asset, key, ts_ns, target
 _new = object.__new__
 
 
@@ -328,7 +322,7 @@ _FAST: dict[Kind, Callable[[list[Any], list[str]], list[Record] | None]] = {
     Kind.FRAME: _fast_frames,
     Kind.LABEL: _fast_labels,
 }
-_BATCH_SET = _slot_setters(Batch, ("agent_id", "batch_seq", "kind", "records", "created_ns"))
+_BATCH_SET = slot_setters(Batch)  # agent_id, batch_seq, kind, records, created_ns
 
 
 _ENCODERS: dict[Kind, Callable[[Any, _Strings], list[Any]]] = {
