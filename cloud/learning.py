@@ -15,6 +15,7 @@ import fnmatch
 import importlib
 import math
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,11 @@ def normalise_target(task: str, target: float | int | bool) -> Any:
             return int(target)
         return target
     return float(target)
+
+
+def _top_class(proba: Mapping[Any, float]) -> Any:
+    """The most probable class, or None for an empty distribution (a model yet untrained)."""
+    return max(proba, key=proba.__getitem__) if proba else None
 
 
 class _Scored:
@@ -263,12 +269,8 @@ class Candidate(_Scored):
             predict_proba_one = pipeline.predict_proba_one
             for x, y in zip(xs, ys, strict=True):
                 proba = predict_proba_one(x)
-                if proba:
-                    preds.append(max(proba, key=proba.__getitem__))
-                    p_true.append(proba.get(y, 0.0))
-                else:
-                    preds.append(None)
-                    p_true.append(None)
+                preds.append(_top_class(proba))
+                p_true.append(proba.get(y, 0.0) if proba else None)
                 learn_one(x, y)
             self.score_many(assets, ys, preds, p_true)
         else:
@@ -289,7 +291,7 @@ class Candidate(_Scored):
         pipeline = self.pipeline
         if self.task == "classification":
             proba = pipeline.predict_proba_one(x)
-            y_pred = max(proba, key=proba.__getitem__) if proba else None
+            y_pred = _top_class(proba)
             err = self.score(asset, y, y_pred, proba)
         else:
             err = self.score(asset, y, pipeline.predict_one(x), None)
@@ -327,7 +329,7 @@ class Champion(_Scored):
             return math.nan
         if self.task == "classification":
             proba = self.pipeline.predict_proba_one(x)
-            y_pred = max(proba, key=proba.__getitem__) if proba else None
+            y_pred = _top_class(proba)
             return self.score(asset, y, y_pred, proba)
         return self.score(asset, y, self.pipeline.predict_one(x), None)
 
@@ -344,12 +346,8 @@ class Champion(_Scored):
             predict_proba_one = pipeline.predict_proba_one
             for x, y in zip(xs, ys, strict=True):
                 proba = predict_proba_one(x)
-                if proba:
-                    preds.append(max(proba, key=proba.__getitem__))
-                    p_true.append(proba.get(y, 0.0))
-                else:
-                    preds.append(None)
-                    p_true.append(None)
+                preds.append(_top_class(proba))
+                p_true.append(proba.get(y, 0.0) if proba else None)
             return self.score_many(assets, ys, preds, p_true)
         return self.score_many(assets, ys, [pipeline.predict_one(x) for x in xs])
 
