@@ -227,40 +227,39 @@ def run() -> list[Result]:
             + f"; median of the round ratios {med(v / r for r, v in rounds):.2f}x",
             file=sys.stderr,
         )
+
+    def measured(metric: str, ceiling: str, rounds: list[tuple[float, float]]) -> list[Result]:
+        """The service's median next to the raw median, then the per-round ratios' median."""
+        return [
+            Result(
+                "cloud",
+                metric,
+                med(v for _, v in rounds),
+                "samples/s",
+                ceiling,
+                med(r for r, _ in rounds),
+                target=">= 0.8x",
+            ),
+            Result(
+                "cloud",
+                f"  same, median of {ROUNDS} interleaved rounds: "
+                + " ".join(f"{v / r:.2f}" for r, v in rounds),
+                med(v / r for r, v in rounds),
+                "x",
+                target=">= 0.8x",
+            ),
+        ]
+
     return [
-        Result(
-            "cloud",
+        *measured(
             f"samples/s Kafka->learn, champion scored at the edge ({PARTS:,} parts)",
-            med(v for _, v in edge_rounds),
-            "samples/s",
             "raw river predict_proba_one+learn_one",
-            med(r for r, _ in edge_rounds),
-            target=">= 0.8x",
+            edge_rounds,
         ),
-        Result(
-            "cloud",
-            f"  same, median of {ROUNDS} interleaved rounds: "
-            + " ".join(f"{v / r:.2f}" for r, v in edge_rounds),
-            med(v / r for r, v in edge_rounds),
-            "x",
-            target=">= 0.8x",
-        ),
-        Result(
-            "cloud",
+        *measured(
             "samples/s Kafka->learn, champion replica scored in the cloud",
-            med(v for _, v in cloud_rounds),
-            "samples/s",
             "raw river, same + replica predict_proba_one",
-            med(r for r, _ in cloud_rounds),
-            target=">= 0.8x",
-        ),
-        Result(
-            "cloud",
-            f"  same, median of {ROUNDS} interleaved rounds: "
-            + " ".join(f"{v / r:.2f}" for r, v in cloud_rounds),
-            med(v / r for r, v in cloud_rounds),
-            "x",
-            target=">= 0.8x",
+            cloud_rounds,
         ),
         Result(
             "cloud",
