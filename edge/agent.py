@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -168,7 +169,9 @@ class Agent:
                 conn.set_sink(self._make_sink(name), acking=True)
                 if isinstance(conn, ProcessConnector):
                     conn.set_packed_sink(
-                        self._make_packed_sink(name), max_rows=self.config.uplink.batch_size
+                        self._make_packed_sink(name),
+                        max_rows=self.config.uplink.batch_size,
+                        on_dropped=functools.partial(self.metrics.queue_dropped, name),
                     )
                     conn.set_want(self._wanted_tags(name))
                 await conn.start()

@@ -144,15 +144,23 @@ class ProcessConnector(Connector[ConnectorConfig]):
         self._writes: dict[int, asyncio.Future[None]] = {}
         self._write_ids = itertools.count(1)
         self._metric_last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self.worker_dropped = 0
+        self._on_dropped: Callable[[int], None] | None = None
         self._fatal: str | None = None  # why the current worker gave up, if it said so
 
     # --- agent-facing --------------------------------------------------------------------
 
-    def set_packed_sink(self, sink: PackedSink | None, *, max_rows: int = 500) -> None:
-        """Deliver packed rows plus the wanted readings to ``sink`` (see :data:`PackedSink`)."""
+    def set_packed_sink(
+        self,
+        sink: PackedSink | None,
+        *,
+        max_rows: int = 500,
+        on_dropped: Callable[[int], None] | None = None,
+    ) -> None:
+        """Deliver packed rows plus the wanted readings to ``sink`` (see :data:`PackedSink`);
+        ``on_dropped(n)`` hears of readings the worker dropped because nobody read them."""
         self._packed_sink = sink
         self.max_rows = max_rows
+        self._on_dropped = on_dropped
 
     def set_want(self, tags: frozenset[str] | None) -> None:
         """The tags whose readings the agent needs as objects (None: all of them)."""
@@ -288,7 +296,8 @@ class ProcessConnector(Connector[ConnectorConfig]):
     def _on_data(self, msg: list[Any]) -> None:
         _, seq, acking, news, frags, cols, dropped = msg
         if dropped:
-            self.worker_dropped += dropped
+            if self._on_dropped is not None:
+                self._on_dropped(dropped)
             log.warning(
                 "connector %s: worker dropped %d readings (agent too slow)", self.name, dropped
             )

@@ -1,0 +1,59 @@
+"""The isolation proxy's handling of worker data messages, without a worker: drops reach the
+agent's counter, and a message with nothing storable is still answered so the worker's acking
+connector is never left waiting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge.isolation import ProcessConnector
+from edge.packed import RowPacker
+from protocols.modbus import ModbusConfig
+from shared.records import Reading
+
+CONFIG = {
+    "kind": "modbus",
+    "name": "proxy-unit",
+    "isolation": "process",
+    "transport": {"type": "tcp", "host": "127.0.0.1", "port": 1502},
+    "devices": [
+        {"unit_id": 1, "asset": "m1", "points": [{"tag": "t", "address": 0, "type": "uint16"}]}
+    ],
+}
+
+
+def proxy() -> tuple[ProcessConnector, list[Any], list[int], list[tuple[Any, ...]]]:
+    conn = ProcessConnector(ModbusConfig.model_validate(CONFIG))
+    delivered: list[Any] = []
+    dropped: list[int] = []
+    sent: list[tuple[Any, ...]] = []
+
+    def sink(state: Any, packed: Any, n: int, on_durable: Any) -> None:
+        delivered.append((list(state), list(packed), n))
+        on_durable(True)
+
+    conn.set_packed_sink(sink, on_dropped=dropped.append)
+    conn._send = lambda *fields: sent.append(fields)  # type: ignore[method-assign]
+    return conn, delivered, dropped, sent
+
+
+def test_worker_drops_are_reported_and_an_empty_acking_message_is_answered():
+    conn, delivered, dropped, sent = proxy()
+    conn._handle(["data", 7, True, {}, [], None, 42])
+    assert dropped == [42]
+    assert delivered == []  # nothing to store
+    assert sent == [("durable", [7], True)]  # the worker's callbacks for seq 7 can run
+
+
+def test_rows_and_wanted_readings_reach_the_packed_sink_and_are_acknowledged():
+    conn, delivered, dropped, sent = proxy()
+    rs = [Reading("m1", "t", 1, 5), Reading("m1", "u", 1, 2.5)]
+    packer = RowPacker()
+    packer.add(rs)
+    news, frags = packer.take()
+    cols = [[r.asset for r in rs[:1]], ["t"], [1], [5], [0], [0]]
+    conn._handle(["data", 3, True, news, [list(f) for f in frags], cols, 0])
+    [(state, packed, n)] = delivered
+    assert n == 2 and state == rs[:1] and dropped == []
+    assert [r for p in packed for r in p.readings()] == rs
+    assert sent == [("durable", [3], True)]
