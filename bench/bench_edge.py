@@ -9,7 +9,11 @@ for every asset each tick, and ships everything through the SQLite outbox to Tan
 what the broker acknowledged (the agent's ``edgeloop_edge_uplink_records_total``) per second.
 
 Raw ceilings, same run, same machine:
-* the Modbus connector alone against the same simulator, readings to a counting sink;
+* the Modbus connector alone against the same simulator, readings to a counting sink, and again
+  delivering its good blocks as columns (what it does in the agent's connector worker), measured
+  ROUNDS times each inside the agent's run while the worker is paused (SIGSTOP), between the
+  end-to-end windows: this machine's speed drifts from one second to the next, and raw and
+  end-to-end windows seconds apart see the same drift;
 * aiokafka producing pre-encoded 500-reading wire batches with acks=all;
 * onnxruntime ``session.run`` on a tick-sized batch (vs the agent's ``ModelSlot.score``);
 * SQLite ``executemany`` in WAL mode (vs ``Outbox.append`` + claim + ack).
@@ -18,6 +22,7 @@ Raw ceilings, same run, same machine:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -39,9 +44,9 @@ from edgeloop.services import TansuBroker, free_port
 
 MACHINES = 10
 AUX = 96  # + 4 core tags = 100 tags per machine, 1,000 in all
-WINDOW = 5.0  # seconds of steady state measured per agent round
-RAW_WINDOW = 3.0  # seconds of the raw connector loop per round
-ROUNDS = 5  # raw / end-to-end pairs
+WINDOW = 4.0  # seconds of steady state measured per end-to-end window
+RAW_WINDOW = 2.5  # seconds of the raw connector loop per window (after 1 s of warm-up)
+ROUNDS = 7  # raw / end-to-end pairs
 
 
 def _points() -> list[dict[str, Any]]:
@@ -93,7 +98,8 @@ def _export_model(tmp: Path) -> tuple[Path, Path, Any]:
     return path, mpath, sk
 
 
-async def _raw_connector(port: int, seconds: float) -> float:
+async def _raw_connector(port: int, seconds: float, columns: bool = False) -> float:
+    """The Modbus connector alone, its readings counted; ``columns``: good blocks as columns."""
     from protocols.base import load_connector_class
 
     cls = load_connector_class("modbus")
@@ -105,7 +111,14 @@ async def _raw_connector(port: int, seconds: float) -> float:
         count[0] += len(batch)
         started.set()
 
+    def column_sink(batch: Any) -> None:
+        for cols in batch:
+            count[0] += len(cols)
+        started.set()
+
     conn.set_sink(sink)
+    if columns:
+        conn.set_column_sink(column_sink)
     async with conn:
         await asyncio.wait_for(started.wait(), 20)
         await asyncio.sleep(1.0)  # warm-up: the measured window starts now
@@ -275,9 +288,23 @@ def _children(pid: int) -> list[int]:
 
 
 async def _agent_round(
-    tmp: Path, exe: str, sim_port: int, bootstrap: str, model: Path, manifest: Path, isolation: str
-) -> dict[str, float]:
-    """Start the agent, measure WINDOW seconds of steady state, stop it; its figures."""
+    tmp: Path,
+    exe: str,
+    sim_port: int,
+    bootstrap: str,
+    model: Path,
+    manifest: Path,
+    isolation: str,
+    raw_rounds: list[tuple[float, float]] | None = None,
+) -> list[dict[str, float]]:
+    """Start the agent, measure WINDOW seconds of steady state, stop it; its figures.
+
+    With ``raw_rounds`` (``isolation: process`` only) it measures ROUNDS windows, and before
+    each one pauses the connector worker (SIGSTOP: nothing polls the simulator, the agent only
+    drains what it holds) to run the raw connector loop against the same simulator, readings and
+    columns, appending the pair: raw and end-to-end windows are seconds apart, not a whole agent
+    start-up, so the machine's drift hits both alike.
+    """
     http_port = free_port()
     state = tmp / f"state-{isolation}-{time.monotonic_ns()}"
     cfg = {
@@ -305,6 +332,8 @@ async def _agent_round(
     url = f"http://127.0.0.1:{http_port}/metrics"
     name = f'edgeloop_edge_uplink_records_total{{agent="bench-{isolation}",kind="reading"}}'
     conn_name = 'edgeloop_connector_readings_total{connector="line1",kind="modbus"}'
+    worker: int | None = None
+    results: list[dict[str, float]] = []
     try:
         async with httpx.AsyncClient() as http:
             deadline = time.monotonic() + 40
@@ -318,25 +347,50 @@ async def _agent_round(
                     raise RuntimeError(f"agent produced nothing:\n{log.read_text()[-2000:]}")
                 await asyncio.sleep(0.3)
             await asyncio.sleep(2.0)  # warm-up
-            text0, t0 = (await http.get(url, timeout=5)).text, time.perf_counter()
-            await asyncio.sleep(WINDOW)
-            text1, t1 = (await http.get(url, timeout=5)).text, time.perf_counter()
+            for k in range(ROUNDS if raw_rounds is not None else 1):
+                if raw_rounds is not None:
+                    [worker] = _children(agent.pid)
+                    os.kill(worker, signal.SIGSTOP)
+                    try:
+                        await asyncio.sleep(0.5)  # the agent ships what it holds
+                        first = k % 2 == 1  # alternate which raw mode runs first
+                        a = await _raw_connector(sim_port, RAW_WINDOW, columns=first)
+                        b = await _raw_connector(sim_port, RAW_WINDOW, columns=not first)
+                    finally:
+                        os.kill(worker, signal.SIGCONT)
+                    raw_rounds.append((b, a) if first else (a, b))
+                    await asyncio.sleep(1.5)  # back to steady state
+                text0, t0 = (await http.get(url, timeout=5)).text, time.perf_counter()
+                await asyncio.sleep(WINDOW)
+                text1, t1 = (await http.get(url, timeout=5)).text, time.perf_counter()
+                results.append(
+                    {
+                        "e2e": (_metric(text1, name) - _metric(text0, name)) / (t1 - t0),
+                        "connector": (_metric(text1, conn_name) - _metric(text0, conn_name))
+                        / (t1 - t0),
+                        "frames": _metric(text1, "edgeloop_edge_frames_total"),
+                        "scored": _metric(text1, "edgeloop_edge_scored_frames_total"),
+                        "infer_n": _metric(text1, "edgeloop_edge_inference_seconds_count"),
+                        "infer_s": _metric(text1, "edgeloop_edge_inference_seconds_sum"),
+                        "depth": _metric(
+                            text1, f'edgeloop_edge_outbox_depth{{agent="bench-{isolation}"}}'
+                        ),
+                        "dropped": _metric(text1, "edgeloop_edge_queue_dropped_total"),
+                    }
+                )
+                if raw_rounds is not None:
+                    r, c = raw_rounds[-1]
+                    _say(
+                        f"round {k + 1}: raw connector loop {r:,.0f} readings/s (columns to the "
+                        f"sink {c:,.0f}/s); end to end {results[-1]['e2e']:,.0f}/s "
+                        f"(connector inside {results[-1]['connector']:,.0f}/s)"
+                    )
         pids = [agent.pid, *_children(agent.pid)]
         mems = [_rss_mb(p) for p in pids]
-        out = {
-            "e2e": (_metric(text1, name) - _metric(text0, name)) / (t1 - t0),
-            "connector": (_metric(text1, conn_name) - _metric(text0, conn_name)) / (t1 - t0),
-            "frames": _metric(text1, "edgeloop_edge_frames_total"),
-            "scored": _metric(text1, "edgeloop_edge_scored_frames_total"),
-            "infer_n": _metric(text1, "edgeloop_edge_inference_seconds_count"),
-            "infer_s": _metric(text1, "edgeloop_edge_inference_seconds_sum"),
-            "depth": _metric(text1, f'edgeloop_edge_outbox_depth{{agent="bench-{isolation}"}}'),
-            "dropped": _metric(text1, "edgeloop_edge_queue_dropped_total"),
-            "processes": float(len(pids)),
-            "rss": sum(m[0] for m in mems),
-            "hwm": sum(m[1] for m in mems),
-            "agent_hwm": mems[0][1],
-        }
+        for got in results:
+            got["processes"] = float(len(pids))
+            got["rss"] = sum(m[0] for m in mems)
+            got["hwm"] = sum(m[1] for m in mems)
         agent.send_signal(signal.SIGTERM)
         try:
             await asyncio.to_thread(agent.wait, 60)
@@ -344,8 +398,11 @@ async def _agent_round(
             raise RuntimeError(f"agent did not stop:\n{log.read_text()[-3000:]}") from None
         if agent.returncode != 0:
             raise RuntimeError(f"agent exited with {agent.returncode}:\n{log.read_text()[-3000:]}")
-        return out
+        return results
     finally:
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGCONT)
         if agent.poll() is None:
             agent.kill()
             agent.wait(timeout=10)
@@ -362,8 +419,6 @@ async def _run(tmp: Path) -> list[Result]:
         [exe, "sim", "modbus", "--machines", str(MACHINES), "--modbus-registers", str(AUX),
          "--extra-tags", "8", "--speed", "10", "--no-faults", "--modbus-port", str(sim_port)]
     )  # fmt: skip
-    raws: list[float] = []
-    rounds: dict[str, list[dict[str, float]]] = {"process": [], "inline": []}
     try:
         with TansuBroker() as broker:
             model, manifest, _ = _export_model(tmp)
@@ -379,21 +434,21 @@ async def _run(tmp: Path) -> list[Result]:
                         raise RuntimeError("the simulator did not start") from None
                     await asyncio.sleep(0.2)
             # This machine's speed drifts by +-25 % from one second to the next (a shared VM):
-            # raw and end-to-end alternate, ROUNDS times, and the medians are compared.
-            plan = ["process"] * ROUNDS + ["inline"]
-            for i, isolation in enumerate(plan):
-                if i < ROUNDS:
-                    raws.append(await _raw_connector(sim_port, RAW_WINDOW))
-                    _say(f"raw connector loop: {raws[-1]:,.0f} readings/s")
-                got = await _agent_round(
-                    tmp, exe, sim_port, broker.bootstrap, model, manifest, isolation
-                )
-                rounds[isolation].append(got)
-                _say(
-                    f"end to end, isolation {isolation}: {got['e2e']:,.0f} readings/s "
-                    f"(connector inside {got['connector']:,.0f}/s, {got['processes']:.0f} "
-                    f"processes, peak RSS {got['hwm']:.1f} MB)"
-                )
+            # raw and end-to-end windows alternate inside one agent run, ROUNDS times.
+            pairs: list[tuple[float, float]] = []
+            proc = await _agent_round(
+                tmp, exe, sim_port, broker.bootstrap, model, manifest, "process", pairs
+            )
+            raws = [r for r, _ in pairs]
+            raw_cols = [c for _, c in pairs]
+            [inline] = await _agent_round(
+                tmp, exe, sim_port, broker.bootstrap, model, manifest, "inline"
+            )
+            _say(
+                f"end to end, isolation inline: {inline['e2e']:,.0f} readings/s "
+                f"(peak RSS {inline['hwm']:.1f} MB); process: peak RSS {proc[-1]['hwm']:.1f} MB "
+                f"in {proc[-1]['processes']:.0f} processes"
+            )
             raw_kafka = await _raw_kafka(broker.bootstrap, 3.0)
         ours_inf, raw_inf = _inference(model, manifest)
         ours_ob, raw_ob = await _outbox(tmp)
@@ -407,15 +462,14 @@ async def _run(tmp: Path) -> list[Result]:
                 sim.wait(timeout=10)
 
     raw_conn = _median(raws)
-    proc = rounds["process"]
     e2e = _median([r["e2e"] for r in proc])
-    inline = rounds["inline"][0]
     last = proc[-1]
     slowest_name, slowest = min(
         [("raw modbus connector loop", raw_conn), ("raw aiokafka produce", raw_kafka)],
         key=lambda kv: kv[1],
     )
     ratios = [p["e2e"] / r for r, p in zip(raws, proc, strict=True)]
+    col_ratios = [p["e2e"] / r for r, p in zip(raw_cols, proc, strict=True)]
     print(
         "   edge: rounds (raw, e2e, ratio): "
         + ", ".join(
@@ -457,7 +511,20 @@ async def _run(tmp: Path) -> list[Result]:
             None,
             ">= 0.8x",
         ),
+        Result(
+            "edge",
+            "end to end / raw loop delivering columns (the worker's mode), per round: "
+            + " ".join(f"{x:.2f}" for x in col_ratios),
+            _median(col_ratios),
+            "x",
+        ),
         Result("edge", f"raw modbus connector loop (median of {ROUNDS})", raw_conn, "rec/s"),
+        Result(
+            "edge",
+            f"raw modbus connector loop, columns to the sink (median of {ROUNDS})",
+            _median(raw_cols),
+            "rec/s",
+        ),
         Result("edge", "raw aiokafka produce (500-reading batches)", raw_kafka, "rec/s"),
         Result(
             "edge",

@@ -25,8 +25,15 @@ from typing import Any
 
 from edge.isolation import encode_message, read_message
 from edge.packed import RowPacker
-from protocols.base import NO_ACK, Connector, ConnectorError, DurableCallback
-from shared.records import Reading
+from protocols.base import (
+    NO_ACK,
+    Connector,
+    ConnectorError,
+    DurableCallback,
+    PointSet,
+    ReadingColumns,
+)
+from shared.records import Reading, trusted_reading
 
 log = logging.getLogger("edge.connector_host")
 
@@ -55,6 +62,8 @@ class Host:
         self.loop = asyncio.get_running_loop()
         self.packer = RowPacker()
         self.want: frozenset[str] | None = frozenset()
+        # per PointSet (by identity): the positions of the wanted tags in it
+        self._picks: dict[int, tuple[PointSet, list[int]]] = {}
         self.state: list[Reading] = []
         self.callbacks: list[DurableCallback] = []
         self.waiting: dict[int, list[DurableCallback]] = {}
@@ -82,6 +91,38 @@ class Host:
             self.state.extend([r for r in readings if r.tag in want])
         if on_durable is not NO_ACK:
             self.callbacks.append(on_durable)
+        self._schedule_flush()
+
+    def columns(self, batch: Sequence[ReadingColumns]) -> None:
+        """The column sink: rows straight from the values; reading objects only for wanted tags."""
+        if self.writer.transport.get_write_buffer_size() > MAX_BUFFERED:
+            self.dropped += sum(len(c) for c in batch)
+            return
+        self.packer.add_columns(batch)
+        want = self.want
+        if want is None:
+            for cols in batch:
+                self.state += cols.readings()
+        elif want:
+            picks = self._picks
+            for cols in batch:
+                names = cols.points
+                got = picks.get(id(names))
+                if got is None or got[0] is not names:
+                    wanted = [i for i, t in enumerate(names.tags) if t in want]
+                    got = picks[id(names)] = (names, wanted)
+                if got[1]:
+                    assets, tags, values, ts = names.assets, names.tags, cols.values, cols.ts_ns
+                    self.state += [
+                        trusted_reading(assets[i], tags[i], ts, values[i]) for i in got[1]
+                    ]
+        self._schedule_flush()
+
+    def set_want(self, want: frozenset[str] | None) -> None:
+        self.want = want
+        self._picks = {}
+
+    def _schedule_flush(self) -> None:
         if self.packer.pending >= FLUSH_AT:
             self.flush()
         elif self._flush_handle is None:
@@ -185,7 +226,7 @@ async def serve(fd: int) -> int:
         from edge.logs import setup_logging
 
         setup_logging(level, as_json)
-        host.want = None if want is None else frozenset(want)
+        host.set_want(None if want is None else frozenset(want))
         host.packer.max_rows = int(max_rows)
         try:
             conn = _build(config)
@@ -195,6 +236,7 @@ async def serve(fd: int) -> int:
             return 3
         host.connector = conn
         conn.set_sink(host.sink, acking=True)
+        conn.set_column_sink(host.columns)
         await conn.start()
         # what is alive now (modules, the connector's plan) lives as long as the worker: keep it
         # out of the collector's generations, which then only walk the readings in flight
@@ -209,7 +251,7 @@ async def serve(fd: int) -> int:
             if what == "durable":
                 host.durable(msg[1], bool(msg[2]))
             elif what == "want":
-                host.want = None if msg[1] is None else frozenset(msg[1])
+                host.set_want(None if msg[1] is None else frozenset(msg[1]))
             elif what == "write":
                 task = asyncio.create_task(host.write(msg[1], msg[2], msg[3]))
                 tasks.add(task)

@@ -24,7 +24,8 @@ from typing import Any
 
 import msgpack
 
-from shared.records import Reading
+from protocols.base import PointSet, ReadingColumns
+from shared.records import Quality, Reading
 from shared.wire import MAGIC, SCHEMA_VERSION, Kind, pack_default
 
 __all__ = ["READING_HEADER", "PackedReadings", "RowPacker", "array_header", "seal_packed"]
@@ -120,6 +121,8 @@ class RowPacker:
         self._index: dict[str, _Index] = {}
         self._sent: dict[str, int] = {}  # table length the receiving side knows, per asset
         self._rows: dict[str, list[tuple[Any, ...]]] = {}
+        # per PointSet (by identity, the set kept alive here): its tags' indexes in the table
+        self._plans: dict[int, tuple[PointSet, list[int]]] = {}
         self.pending = 0
         self.refused = 0  # rows whose value could not be encoded (dropped, never fatal)
 
@@ -145,6 +148,28 @@ class RowPacker:
                 index = self._index_of(a)
                 rows = self._rows[a]
             rows.append((0, index[r.tag], r.ts_ns, r.value, r.quality, r.status))
+
+    def add_columns(self, batch: Sequence[ReadingColumns]) -> None:
+        """Encode blocks of good readings: one row per value, no reading object built."""
+        good = int(Quality.GOOD)
+        for cols in batch:
+            names = cols.points
+            asset = names.asset
+            if asset is None:  # points of several assets: the general path
+                self.add(cols.readings())
+                continue
+            plan = self._plans.get(id(names))
+            if plan is None or plan[0] is not names:
+                index = self._index_of(asset)
+                plan = self._plans[id(names)] = (names, [index[t] for t in names.tags])
+            rows = self._rows.get(asset)
+            if rows is None:
+                rows = self._rows[asset] = []
+            ts = cols.ts_ns
+            rows.extend(
+                [(0, ix, ts, v, good, 0) for ix, v in zip(plan[1], cols.values, strict=True)]
+            )
+            self.pending += len(plan[1])
 
     def _index_of(self, asset: str) -> _Index:
         got = self._index.get(asset)

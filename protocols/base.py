@@ -15,6 +15,14 @@ commit, so the connector must not acknowledge and should make the source redeliv
 when it returns, as is ``stream()`` delivery. Connectors with nothing to acknowledge (Modbus,
 OPC UA) never pass ``on_durable`` and see no change.
 
+Columns, for sinks that never look at reading objects: a connector whose readings come in blocks
+(a Modbus poll's registers, all good and taken at one instant) may also deliver them as
+:class:`ReadingColumns` — a fixed :class:`PointSet` (the points' assets and tags, built once) with a
+timestamp and one value per point — to a sink registered with ``set_column_sink``. The connector
+isolation worker (``edge/connector_host.py``) does, to encode wire rows straight from the values.
+Without a column sink nothing changes: the same readings arrive as :class:`Reading` objects.
+``ReadingColumns.readings()`` gives them back as such, equal to what ``_emit`` would have carried.
+
 Policy is not the connector's business: the agent chooses the sink (and so buffering and
 overflow), and whether to start when a device is down. The connector only reconnects, with the
 backoff its config states (:class:`BackoffConfig`: 0.1 s doubling to 30 s with 10 % jitter by
@@ -45,19 +53,22 @@ from prometheus_client import Counter, Gauge
 from pydantic import Field
 
 from shared.config import ConfigModel
-from shared.records import Reading, Value
+from shared.records import Reading, Value, trusted_reading
 
 __all__ = [
     "NO_ACK",
     "AckingSink",
     "Backoff",
     "BackoffConfig",
+    "ColumnSink",
     "Connector",
     "ConnectorConfig",
     "ConnectorError",
     "ConnectorState",
     "ConnectorStatus",
     "DurableCallback",
+    "PointSet",
+    "ReadingColumns",
     "ReadingSink",
     "WriteError",
     "available_connectors",
@@ -68,6 +79,54 @@ ReadingSink = Callable[[Sequence[Reading]], None]
 #: called once with True (durable: acknowledge upstream) or False (refused/lost: do not)
 DurableCallback = Callable[[bool], None]
 AckingSink = Callable[[Sequence[Reading], DurableCallback], None]
+
+
+class PointSet:
+    """The points of a block read together: ``assets[i]`` and ``tags[i]`` name point ``i``.
+
+    Built once by the connector and reused for every read, so consumers may cache what they derive
+    from it by identity. ``asset`` is the assets' common value, or None when they differ.
+    """
+
+    __slots__ = ("asset", "assets", "tags")
+
+    def __init__(self, assets: Sequence[str], tags: Sequence[str]) -> None:
+        if len(assets) != len(tags):
+            raise ValueError(f"{len(assets)} assets for {len(tags)} tags")
+        self.assets = tuple(assets)
+        self.tags = tuple(tags)
+        self.asset = self.assets[0] if self.assets and len(set(self.assets)) == 1 else None
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    def __repr__(self) -> str:
+        return f"PointSet({len(self.tags)} points, asset={self.asset!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingColumns:
+    """Good-quality readings of ``points`` taken at ``ts_ns``: ``values[i]`` is point ``i``'s.
+
+    The connector guarantees every field valid, as for :func:`shared.records.trusted_reading`.
+    """
+
+    points: PointSet
+    ts_ns: int
+    values: Sequence[Value]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def readings(self) -> list[Reading]:
+        ts = self.ts_ns
+        return [
+            trusted_reading(a, t, ts, v)
+            for a, t, v in zip(self.points.assets, self.points.tags, self.values, strict=True)
+        ]
+
+
+ColumnSink = Callable[[Sequence[ReadingColumns]], None]
 
 READINGS = Counter(
     "edgeloop_connector_readings_total", "Readings delivered by a connector", ["connector", "kind"]
@@ -191,6 +250,7 @@ class Connector(ABC, Generic[C]):
         self.backoff = Backoff(config.backoff)
         self._sink: ReadingSink | None = None
         self._acking_sink: AckingSink | None = None
+        self._column_sink: ColumnSink | None = None
         self._queue: asyncio.Queue[list[Reading]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._status = ConnectorStatus(ConnectorState.STOPPED)
@@ -218,6 +278,14 @@ class Connector(ABC, Generic[C]):
         else:
             self._acking_sink = None
             self._sink = sink  # type: ignore[assignment]
+
+    def set_column_sink(self, sink: ColumnSink | None) -> None:
+        """Deliver blocks of good readings as :class:`ReadingColumns` to ``sink`` as well.
+
+        Only connectors that read in blocks use it (Modbus); the others, and every reading that
+        is not good, keep going to the sink set with :meth:`set_sink`, which must be set too.
+        """
+        self._column_sink = sink
 
     def _plain_to_acking(self, readings: Sequence[Reading]) -> None:
         assert self._acking_sink is not None
@@ -339,6 +407,22 @@ class Connector(ABC, Generic[C]):
             self._queue.put_nowait(list(readings))
         if on_durable is not None:
             on_durable(True)
+
+    def _emit_columns(self, batch: Sequence[ReadingColumns]) -> None:
+        """Hand blocks of good readings to the column sink, or as readings to :meth:`_emit`."""
+        if not batch:
+            return
+        sink = self._column_sink
+        if sink is None:
+            out: list[Reading] = []
+            for cols in batch:
+                out += cols.readings()
+            self._emit(out)
+            return
+        n = sum(len(c.values) for c in batch)
+        self.readings_total += n
+        self._m_readings.inc(n)
+        sink(batch)
 
     def _malformed(self, reason: str) -> None:
         """Count an input that could not be turned into a reading (never fatal)."""

@@ -49,6 +49,8 @@ from protocols.base import (
     ConnectorConfig,
     ConnectorError,
     ConnectorState,
+    PointSet,
+    ReadingColumns,
     WriteError,
 )
 from protocols.modbus_codec import (
@@ -357,6 +359,12 @@ class _Block:
     read: ReadBlock
     # (point, index of its first register/bit in the block's response)
     points: list[tuple[_Point, int]]
+    names: PointSet = field(init=False)  # the points' assets and tags, for ReadingColumns
+
+    def __post_init__(self) -> None:
+        self.names = PointSet(
+            [pt.asset for pt, _ in self.points], [pt.tag for pt, _ in self.points]
+        )
 
 
 @dataclass(slots=True)
@@ -610,6 +618,8 @@ class ModbusConnector(Connector[ModbusConfig]):
         assert requests is not None
         unit = dev.config.unit_id
         out: list[Reading] = []
+        cols: list[ReadingColumns] = []
+        columnar = self._column_sink is not None
         i = 0
         while i < len(dev.blocks):
             block = dev.blocks[i]
@@ -623,6 +633,7 @@ class ModbusConnector(Connector[ModbusConfig]):
                         Reading(pt.asset, pt.tag, now, None, Quality.BAD, STATUS_NO_RESPONSE)
                         for pt in dev.points
                     ]
+                    self._emit_columns(cols)  # the good reads before it, then the marks
                     self._emit(out)
                     self._set_status(
                         ConnectorState.CONNECTED, error=f"unit {unit}: no response ({exc})"
@@ -642,12 +653,28 @@ class ModbusConnector(Connector[ModbusConfig]):
                     Reading(pt.asset, pt.tag, now, None, Quality.BAD, code)
                     for pt, _ in block.points
                 ]
+            elif columnar and (values := self._decode_values(block, response)) is not None:
+                cols.append(ReadingColumns(block.names, now, values))
             else:
                 out += self._decode_block(block, response, now)
             i += 1
         dev.online = True
         self._emit(out)
+        self._emit_columns(cols)
         return True
+
+    def _decode_values(self, block: _Block, response: ModbusPDU) -> list[Value] | None:
+        """The block's values when all decode (columns); None sends it the per-reading way."""
+        if block.read.table in BIT_TABLES:
+            bits = response.bits
+            return [bool(bits[i]) for _, i in block.points]
+        regs = response.registers
+        if len(regs) < block.read.count:
+            return None
+        try:
+            return [pt.decode(regs, i) for pt, i in block.points]
+        except DecodeError:
+            return None
 
     def _decode_block(self, block: _Block, response: ModbusPDU, now: int) -> list[Reading]:
         if block.read.table in BIT_TABLES:

@@ -15,6 +15,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from protocols.base import ConnectorState, WriteError
 from protocols.modbus import (
+    STATUS_DECODE_ERROR,
     STATUS_DISCONNECTED,
     STATUS_NO_RESPONSE,
     ModbusConfig,
@@ -32,9 +33,22 @@ from tests.waiting import wait_until
 class Sink:
     def __init__(self) -> None:
         self.readings: list[Reading] = []
+        self.blocks = 0  # ReadingColumns received (columns mode)
 
     def __call__(self, batch) -> None:
         self.readings.extend(batch)
+
+    def columns(self, batch) -> None:
+        for cols in batch:
+            self.blocks += 1
+            assert len(cols) == len(cols.points)
+            self.readings.extend(cols.readings())
+
+    def attach(self, conn: ModbusConnector, columns: bool) -> None:
+        """Readings to this sink; with ``columns`` good blocks come as ReadingColumns too."""
+        conn.set_sink(self)
+        if columns:
+            conn.set_column_sink(self.columns)
 
     def latest(self) -> dict[tuple[str, str], Reading]:
         return {(r.asset, r.tag): r for r in self.readings}
@@ -89,14 +103,15 @@ async def server():
     await s.stop()
 
 
-async def test_every_type_and_table_decodes_to_the_device_values(server):
+@pytest.mark.parametrize("columns", [False, True], ids=["readings", "columns"])
+async def test_every_type_and_table_decodes_to_the_device_values(server, columns):
     sink = Sink()
     conn = ModbusConnector(
         config(
             server.port, [{"unit_id": 2, "asset": "m2", "poll_interval": 0.05, "points": ALL_TYPES}]
         )
     )
-    conn.set_sink(sink)
+    sink.attach(conn, columns)
     async with conn:
         await wait_until(
             lambda: sink.has_good({("m2", p["tag"]) for p in ALL_TYPES}), 10, "all good"
@@ -115,6 +130,41 @@ async def test_every_type_and_table_decodes_to_the_device_values(server):
     for r in sink.readings:
         again = Reading(r.asset, r.tag, r.ts_ns, r.value, r.quality, r.status)
         assert again == r and hash(again) == hash(r) and type(r) is Reading
+    assert (sink.blocks > 0) is columns
+    assert conn.readings_total == len(sink.readings)
+
+
+async def three_polls(
+    port: int, odd: dict[str, Any], columns: bool
+) -> tuple[Sink, ModbusConnector, ConnectorState]:
+    """Unit 1 polled for ``count`` (holding 0), ``odd`` and ``coil0`` until three polls arrived;
+    the sink, the stopped connector and its state while running."""
+    points = [{"tag": "count", "address": 0}, odd, {"tag": "coil0", "table": "coil", "address": 0}]
+    sink = Sink()
+    conn = ModbusConnector(
+        config(port, [{"unit_id": 1, "asset": "m", "poll_interval": 0.05, "points": points}])
+    )
+    sink.attach(conn, columns)
+    async with conn:
+        await wait_until(lambda: len(sink.readings) >= 9, 10, "three polls")
+        state = conn.status.state
+    return sink, conn, state
+
+
+@pytest.mark.parametrize("columns", [False, True], ids=["readings", "columns"])
+async def test_a_value_that_does_not_decode_is_bad_and_its_block_neighbours_good(server, columns):
+    # registers 10..11 hold float32 21.5 (0x41AC 0x0000): 0xAC cannot start a UTF-8 character
+    sink, conn, _ = await three_polls(
+        server.port, {"tag": "text", "address": 10, "type": "string", "length": 2}, columns
+    )
+    latest = sink.latest()
+    assert latest[("m", "text")].quality is Quality.BAD
+    assert latest[("m", "text")].status == STATUS_DECODE_ERROR
+    assert latest[("m", "count")].quality is Quality.GOOD and latest[("m", "count")].value == 100
+    assert latest[("m", "coil0")].value is True
+    assert conn.malformed_total >= 3
+    # the register block went the per-reading way; the coil block still came as columns
+    assert (sink.blocks > 0) is columns
 
 
 async def test_coalescing_reads_300_registers_in_three_requests():
@@ -145,26 +195,17 @@ async def test_coalescing_reads_300_registers_in_three_requests():
         await s.stop()
 
 
-async def test_an_illegal_address_spoils_only_its_own_block(server):
-    points = [
-        {"tag": "count", "address": 0},
-        {"tag": "ghost", "address": 900},  # not mapped on the device
-        {"tag": "coil0", "table": "coil", "address": 0},
-    ]
-    sink = Sink()
-    conn = ModbusConnector(
-        config(server.port, [{"unit_id": 1, "asset": "m", "poll_interval": 0.05, "points": points}])
-    )
-    conn.set_sink(sink)
-    async with conn:
-        await wait_until(lambda: len(sink.readings) >= 9, 10, "three polls")
-        latest = sink.latest()
-        assert latest[("m", "ghost")].quality is Quality.BAD
-        assert latest[("m", "ghost")].status == ExcCodes.ILLEGAL_ADDRESS
-        assert latest[("m", "count")].quality is Quality.GOOD
-        assert latest[("m", "coil0")].value is True
-        assert conn.exceptions_total >= 3
-        assert conn.status.state is ConnectorState.CONNECTED
+@pytest.mark.parametrize("columns", [False, True], ids=["readings", "columns"])
+async def test_an_illegal_address_spoils_only_its_own_block(server, columns):
+    # register 900 is not mapped on the device
+    sink, conn, state = await three_polls(server.port, {"tag": "ghost", "address": 900}, columns)
+    latest = sink.latest()
+    assert latest[("m", "ghost")].quality is Quality.BAD
+    assert latest[("m", "ghost")].status == ExcCodes.ILLEGAL_ADDRESS
+    assert latest[("m", "count")].quality is Quality.GOOD
+    assert latest[("m", "coil0")].value is True
+    assert conn.exceptions_total >= 3
+    assert state is ConnectorState.CONNECTED
 
 
 async def test_a_read_bridging_an_unmapped_hole_is_split_once_and_stays_split(server):
@@ -320,7 +361,8 @@ async def test_writes_jump_the_queue_but_never_overlap_a_request():
         await s.stop()
 
 
-async def test_device_gone_gives_one_bad_reading_per_point_backs_off_then_recovers():
+@pytest.mark.parametrize("columns", [False, True], ids=["readings", "columns"])
+async def test_device_gone_gives_one_bad_reading_per_point_backs_off_then_recovers(columns):
     s = ModbusTestServer(lambda: [standard_device(1)])
     await s.start()
     points = [{"tag": "count", "address": 0}, {"tag": "coil0", "table": "coil", "address": 0}]
@@ -332,7 +374,7 @@ async def test_device_gone_gives_one_bad_reading_per_point_backs_off_then_recove
             backoff={"initial": 0.1, "max": 0.4, "factor": 2.0, "jitter": 0.0},
         )
     )
-    conn.set_sink(sink)
+    sink.attach(conn, columns)
     try:
         async with conn:
             await wait_until(lambda: sink.has_good({("m", "count"), ("m", "coil0")}), 10, "good")
@@ -360,7 +402,8 @@ async def test_device_gone_gives_one_bad_reading_per_point_backs_off_then_recove
         await s.stop()
 
 
-async def test_a_unit_that_stops_answering_is_bad_once_and_polled_with_backoff(server):
+@pytest.mark.parametrize("columns", [False, True], ids=["readings", "columns"])
+async def test_a_unit_that_stops_answering_is_bad_once_and_polled_with_backoff(server, columns):
     # unit 7 is configured but absent: pymodbus answers nothing for it (like a dead RS-485 drop)
     gone = asyncio.Event()
 
@@ -396,7 +439,7 @@ async def test_a_unit_that_stops_answering_is_bad_once_and_polled_with_backoff(s
     conn = ModbusConnector(
         config(s.port, devs, timeout=0.2, backoff={"initial": 0.5, "max": 1.0, "jitter": 0.0})
     )
-    conn.set_sink(sink)
+    sink.attach(conn, columns)
     try:
         async with conn:
             await wait_until(lambda: sink.has_good({("ok", "count"), ("mute", "a")}), 10, "good")

@@ -57,3 +57,58 @@ def test_rows_and_wanted_readings_reach_the_packed_sink_and_are_acknowledged():
     assert n == 2 and state == rs[:1] and dropped == []
     assert [r for p in packed for r in p.readings()] == rs
     assert sent == [("durable", [3], True)]
+
+
+class _Writer:
+    """What the worker's Host writes, kept (a stand-in for the socket pair's stream writer)."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.transport = self
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+
+def test_columns_in_the_worker_reach_the_agent_as_rows_and_only_wanted_readings():
+    import asyncio
+
+    from edge.connector_host import Host
+    from edge.isolation import decode_message
+    from protocols.base import PointSet, ReadingColumns
+
+    async def worker_side() -> bytes:
+        writer = _Writer()
+        host = Host(writer)  # type: ignore[arg-type]
+        host.set_want(frozenset({"t"}))
+        names = PointSet(["m1", "m1", "m1"], ["t", "u", "v"])
+        host.columns([ReadingColumns(names, 10, [5, 2.5, True])])
+        host.columns([ReadingColumns(names, 11, [6, 3.5, False])])
+        host.sink([Reading("m1", "w", 12, "x")], lambda ok: None)  # a reading, same message
+        host.flush()
+        return bytes(writer.out)
+
+    body = asyncio.run(worker_side())
+    msg = decode_message(body[4:])
+    assert msg[0] == "data"
+    conn, delivered, dropped, sent = proxy()
+    conn._handle(msg)
+    [(state, packed, n)] = delivered
+    assert n == 7 and dropped == []
+    assert sent == [("durable", [1], True)]  # the reading's callback, in the same message
+    assert state == [Reading("m1", "t", 10, 5), Reading("m1", "t", 11, 6)]
+    assert [r for p in packed for r in p.readings()] == [
+        Reading("m1", "t", 10, 5),
+        Reading("m1", "u", 10, 2.5),
+        Reading("m1", "v", 10, True),
+        Reading("m1", "t", 11, 6),
+        Reading("m1", "u", 11, 3.5),
+        Reading("m1", "v", 11, False),
+        Reading("m1", "w", 12, "x"),
+    ]

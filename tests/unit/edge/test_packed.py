@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -136,3 +137,45 @@ def test_a_value_that_cannot_be_encoded_is_dropped_and_counted_not_fatal():
     [p] = packed([good[0], bad, *good[1:]], packer=packer)
     assert packer.refused == 1
     assert p.n == 3 and p.readings() == good
+
+
+def _columns_of(batches: list[list[Reading]]):
+    """Each poll as ReadingColumns over one PointSet per distinct (assets, tags) layout."""
+    from protocols.base import PointSet, ReadingColumns
+
+    sets: dict[tuple[tuple[str, ...], tuple[str, ...]], PointSet] = {}
+    out = []
+    for rs in batches:
+        key = (tuple(r.asset for r in rs), tuple(r.tag for r in rs))
+        names = sets.setdefault(key, PointSet(*key))
+        out.append(ReadingColumns(names, rs[0].ts_ns, [r.value for r in rs]))
+    return out
+
+
+def test_columns_pack_to_the_same_rows_as_the_readings_they_stand_for():
+    polls = [poll("m1", 96, NOW + i) for i in range(3)] + [poll("m2", 4, NOW), poll("m1", 5)]
+    mixed = [Reading("m1", "a", NOW, 1), Reading("m2", "b", NOW, 2.5)]  # two assets, one block
+    by_columns, by_readings = RowPacker(), RowPacker()
+    cols = _columns_of([*polls, mixed])
+    by_columns.add_columns(cols[:2])
+    by_columns.add_columns(cols[2:])
+    for rs in [*polls, mixed]:
+        by_readings.add(rs)
+    assert by_columns.pending == by_readings.pending == 3 * 96 + 4 + 5 + 2
+    assert by_columns.take() == by_readings.take()
+    # a layout seen again reuses its indexes; the tables still grow only with new tags
+    by_columns.add_columns(_columns_of([poll("m1", 97)]))
+    news, frags = by_columns.take()
+    assert news == {"m1": ["aux_096"]} and [(a, n) for a, _, n, _ in frags] == [("m1", 97)]
+
+
+def test_columns_come_back_as_equal_readings():
+    from protocols.base import PointSet, ReadingColumns
+
+    names = PointSet(["m1", "m1"], ["a", "b"])
+    cols = ReadingColumns(names, NOW, [1.5, True])
+    assert len(cols) == 2 and names.asset == "m1"
+    assert cols.readings() == [Reading("m1", "a", NOW, 1.5), Reading("m1", "b", NOW, True)]
+    assert PointSet(["m1", "m2"], ["a", "a"]).asset is None
+    with pytest.raises(ValueError, match="2 assets for 1 tags"):
+        PointSet(["m1", "m1"], ["a"])
