@@ -83,10 +83,10 @@ def test_columns_in_the_worker_reach_the_agent_as_rows_and_only_wanted_readings(
     from edge.isolation import decode_message
     from protocols.base import PointSet, ReadingColumns
 
-    async def worker_side() -> bytes:
+    async def worker_side(want: frozenset[str] | None = frozenset({"t"})) -> bytes:
         writer = _Writer()
         host = Host(writer)  # type: ignore[arg-type]
-        host.set_want(frozenset({"t"}))
+        host.set_want(want)
         names = PointSet(["m1", "m1", "m1"], ["t", "u", "v"])
         host.columns([ReadingColumns(names, 10, [5, 2.5, True])])
         host.columns([ReadingColumns(names, 11, [6, 3.5, False])])
@@ -112,3 +112,8 @@ def test_columns_in_the_worker_reach_the_agent_as_rows_and_only_wanted_readings(
         Reading("m1", "v", 11, False),
         Reading("m1", "w", 12, "x"),
     ]
+    # an agent that wants every reading (labels, rules reading r/age as maps) gets them all
+    conn, delivered, _, _ = proxy()
+    conn._handle(decode_message(asyncio.run(worker_side(None))[4:]))
+    [(state, packed, n)] = delivered
+    assert state == [r for p in packed for r in p.readings()] and n == 7
