@@ -273,15 +273,43 @@ class MqttAction(ConfigModel):
         "", description="str.format template over the event ({rule}, {asset}, {message}, values)"
     )
     connector: str | None = Field(None, description="an MQTT connector with a publish() method")
-    url: str | None = Field(None, description="or a broker of its own: mqtt://host:port")
+    url: str | None = Field(
+        None, description="or a broker of its own: mqtt://host[:1883] or mqtts://host[:8883]"
+    )
+    username: str | None = Field(None, description="for the broker at url")
+    password: str | None = None
     qos: Literal[0, 1, 2] = 1
     retain: bool = False
-    timeout: float = Field(5.0, gt=0)
+    timeout: float = Field(
+        5.0, gt=0, description="seconds for connecting (TCP and CONNACK) and for the broker's ack"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"{url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+        if not parts.hostname:
+            raise ValueError(f"{url!r}: no host")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in range
+        except ValueError:
+            raise ValueError(f"{url!r}: bad port") from None
+        if parts.username or parts.password:
+            raise ValueError(f"{url!r}: put credentials in username/password, not in the URL")
+        return url
 
     @model_validator(mode="after")
     def _target(self) -> MqttAction:
         if (self.connector is None) == (self.url is None):
             raise ValueError("set exactly one of 'connector' (an MQTT connector) or 'url'")
+        if self.connector is not None and (self.username or self.password):
+            raise ValueError("username/password are for 'url'; the connector has its own")
         return self
 
 

@@ -349,32 +349,67 @@ class ActionRunner:
             )
             return
         assert act.url is not None
-        client: Any = self._mqtt.get(act.url)
+        key = f"{act.url} {act.username or ''}"
+        client: Any = self._mqtt.get(key)
         if client is None:
+            # the thread itself gives up within act.timeout (TCP connect, then CONNACK)
             client = await asyncio.wait_for(
-                asyncio.to_thread(self._mqtt_connect, act.url, act.timeout), act.timeout + 1
+                asyncio.to_thread(self._mqtt_connect, act), act.timeout + 5
             )
-            self._mqtt[act.url] = client
+            self._mqtt[key] = client
         info = client.publish(topic, payload, qos=act.qos, retain=act.retain)
         await asyncio.wait_for(
             asyncio.to_thread(info.wait_for_publish, act.timeout), act.timeout + 1
         )
         if not info.is_published():
-            raise TimeoutError(f"MQTT publish to {act.url} {topic} not acknowledged")
+            raise TimeoutError(
+                f"MQTT publish to {act.url} {topic} not acknowledged within {act.timeout}s"
+            )
 
     @staticmethod
-    def _mqtt_connect(url: str, timeout: float) -> Any:
+    def _mqtt_connect(act: MqttAction) -> Any:
+        """A connected paho client (its network thread running), or a clear error.
+
+        Waits for the broker's CONNACK, so a refusal (bad credentials, not authorised) is an
+        error naming the broker and the reason, not a publish that is never acknowledged.
+        """
+        import threading
+        import time
+
         import paho.mqtt.client as mqtt
 
-        u = urlparse(url)
+        assert act.url is not None
+        u = urlparse(act.url)
+        host, tls = u.hostname or "127.0.0.1", u.scheme == "mqtts"
+        port = u.port or (8883 if tls else 1883)
+        deadline = time.monotonic() + act.timeout
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)  # type: ignore[attr-defined]
-        if u.username:
-            client.username_pw_set(u.username, u.password)
-        if u.scheme == "mqtts":
+        client.connect_timeout = act.timeout
+        if act.username is not None:
+            client.username_pw_set(act.username, act.password)
+        if tls:
             client.tls_set()
-        client.connect(u.hostname or "127.0.0.1", u.port or (8883 if u.scheme == "mqtts" else 1883))
+        acked = threading.Event()
+        outcome: list[Any] = []
+
+        def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            outcome.append(reason)
+            acked.set()
+
+        client.on_connect = on_connect
+        try:
+            client.connect(host, port)
+        except (OSError, ValueError) as exc:
+            raise ConnectionError(f"MQTT broker {host}:{port}: {exc}") from None
         client.loop_start()
-        return client
+        ok = acked.wait(max(0.0, deadline - time.monotonic()))
+        if ok and not outcome[0].is_failure:
+            return client
+        client.disconnect()
+        client.loop_stop()
+        if not ok:
+            raise TimeoutError(f"no CONNACK from MQTT broker {host}:{port} within {act.timeout}s")
+        raise ConnectionError(f"MQTT broker {host}:{port} refused the connection: {outcome[0]}")
 
     @staticmethod
     def _mqtt_close(client: Any) -> None:
