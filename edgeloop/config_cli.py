@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any, cast
 
 import click
+import yaml
 
 from shared.config import ConfigError, load_config
 
@@ -17,12 +19,35 @@ SCHEMAS: dict[str, str] = {
 }
 
 
+def _model(kind: str) -> type[Any] | None:
+    module_name, _, attr = SCHEMAS[kind].partition(":")
+    try:
+        return cast(type[Any], getattr(importlib.import_module(module_name), attr))
+    except (ModuleNotFoundError, AttributeError):
+        return None
+
+
 def _guess_kind(path: Path) -> str | None:
+    """The kind the file name says (``edge.yaml``, ``plant-edge.yml``), else the one whose
+    top-level keys the file uses most (``agent_id`` and ``connectors``: edge), if only one."""
     stem = path.name.lower()
     for kind in SCHEMAS:
         if kind in stem:
             return kind
-    return None
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    scores: dict[str, int] = {}
+    for kind in SCHEMAS:
+        model = _model(kind)
+        if model is not None:
+            scores[kind] = len(set(doc) & set(model.model_fields))
+    best = max(scores.values(), default=0)
+    winners = [k for k, n in scores.items() if n == best]
+    return winners[0] if best > 0 and len(winners) == 1 else None
 
 
 @click.group()
@@ -35,19 +60,18 @@ def config() -> None:
 @click.option(
     "--kind",
     type=click.Choice(sorted(SCHEMAS)),
-    help="Which schema to check against (guessed from the file name when omitted).",
+    help="Which schema to check against (guessed from the file name, else from its top-level keys).",
 )
 def validate(path: Path, kind: str | None) -> None:
     """Check PATH; print every problem with its key path and line, exit 1 when there are any."""
     kind = kind or _guess_kind(path)
     if kind is None:
         raise click.UsageError(
-            f"cannot tell what {path.name} configures; pass --kind {'|'.join(sorted(SCHEMAS))}"
+            f"cannot tell what {path.name} configures (neither its name nor its top-level keys "
+            f"say); pass --kind {'|'.join(sorted(SCHEMAS))}"
         )
-    module_name, _, attr = SCHEMAS[kind].partition(":")
-    try:
-        model = getattr(importlib.import_module(module_name), attr)
-    except (ModuleNotFoundError, AttributeError):
+    model = _model(kind)
+    if model is None:
         click.echo(f"edgeloop config: the {kind} configuration is not built yet", err=True)
         raise SystemExit(2) from None
     try:

@@ -152,3 +152,21 @@ def test_load_edge_config_imports_only_the_plugins_a_file_uses(tmp_path):
     (tmp_path / "edge.yaml").write_text("agent_id: gw1\nconnectors: [{kind: synthetic, name: s}]\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["SyntheticConfig", "False"], out.stderr
+
+
+def test_config_validate_tells_the_kind_by_the_top_level_keys_when_the_name_does_not(tmp_path):
+    from click.testing import CliRunner
+
+    from edgeloop.config_cli import config
+
+    plant = tmp_path / "plant.yaml"
+    plant.write_text("agent_id: gw1\nconnectors: []\nuplink: {bootstrap_servers: 'k:9092'}\n")
+    got = CliRunner().invoke(config, ["validate", str(plant)])
+    assert got.exit_code == 0 and "valid edge configuration" in got.output
+    plant.write_text("agent_id: gw1\noutbox: {overflow: drop_everything}\n")
+    got = CliRunner().invoke(config, ["validate", str(plant)])
+    assert got.exit_code == 1 and "outbox.overflow (line 2)" in got.output
+    odd = tmp_path / "settings.yaml"
+    odd.write_text("colour: blue\n")
+    got = CliRunner().invoke(config, ["validate", str(odd)])
+    assert got.exit_code == 2 and "pass --kind" in got.output
