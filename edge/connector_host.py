@@ -62,8 +62,8 @@ class Host:
         self.loop = asyncio.get_running_loop()
         self.packer = RowPacker()
         self.want: frozenset[str] | None = frozenset()
-        # per PointSet (by identity): the positions of the wanted tags in it
-        self._picks: dict[int, tuple[PointSet, list[int]]] = {}
+        # per PointSet (hashed by identity): the positions of the wanted tags in it
+        self._picks: dict[PointSet, list[int]] = {}
         self.state: list[Reading] = []
         self.callbacks: list[DurableCallback] = []
         self.waiting: dict[int, list[DurableCallback]] = {}
@@ -107,14 +107,13 @@ class Host:
             picks = self._picks
             for cols in batch:
                 names = cols.points
-                got = picks.get(id(names))
-                if got is None or got[0] is not names:
-                    wanted = [i for i, t in enumerate(names.tags) if t in want]
-                    got = picks[id(names)] = (names, wanted)
-                if got[1]:
+                wanted = picks.get(names)
+                if wanted is None:
+                    wanted = picks[names] = [i for i, t in enumerate(names.tags) if t in want]
+                if wanted:
                     assets, tags, values, ts = names.assets, names.tags, cols.values, cols.ts_ns
                     self.state += [
-                        trusted_reading(assets[i], tags[i], ts, values[i]) for i in got[1]
+                        trusted_reading(assets[i], tags[i], ts, values[i]) for i in wanted
                     ]
         self._schedule_flush()
 

@@ -121,8 +121,8 @@ class RowPacker:
         self._index: dict[str, _Index] = {}
         self._sent: dict[str, int] = {}  # table length the receiving side knows, per asset
         self._rows: dict[str, list[tuple[Any, ...]]] = {}
-        # per PointSet (by identity, the set kept alive here): its tags' indexes in the table
-        self._plans: dict[int, tuple[PointSet, list[int]]] = {}
+        # per PointSet (hashed by identity): its tags' indexes in the asset's table
+        self._plans: dict[PointSet, list[int]] = {}
         self.pending = 0
         self.refused = 0  # rows whose value could not be encoded (dropped, never fatal)
 
@@ -158,18 +158,16 @@ class RowPacker:
             if asset is None:  # points of several assets: the general path
                 self.add(cols.readings())
                 continue
-            plan = self._plans.get(id(names))
-            if plan is None or plan[0] is not names:
+            plan = self._plans.get(names)
+            if plan is None:
                 index = self._index_of(asset)
-                plan = self._plans[id(names)] = (names, [index[t] for t in names.tags])
+                plan = self._plans[names] = [index[t] for t in names.tags]
             rows = self._rows.get(asset)
             if rows is None:
                 rows = self._rows[asset] = []
             ts = cols.ts_ns
-            rows.extend(
-                [(0, ix, ts, v, good, 0) for ix, v in zip(plan[1], cols.values, strict=True)]
-            )
-            self.pending += len(plan[1])
+            rows.extend([(0, ix, ts, v, good, 0) for ix, v in zip(plan, cols.values, strict=True)])
+            self.pending += len(plan)
 
     def _index_of(self, asset: str) -> _Index:
         got = self._index.get(asset)

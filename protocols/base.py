@@ -85,7 +85,8 @@ class PointSet:
     """The points of a block read together: ``assets[i]`` and ``tags[i]`` name point ``i``.
 
     Built once by the connector and reused for every read, so consumers may cache what they derive
-    from it by identity. ``asset`` is the assets' common value, or None when they differ.
+    from it in a dict keyed by the set itself (it hashes and compares by identity).
+    ``asset`` is the assets' common value, or None when they differ.
     """
 
     __slots__ = ("asset", "assets", "tags")
@@ -284,6 +285,7 @@ class Connector(ABC, Generic[C]):
 
         Only connectors that read in blocks use it (Modbus); the others, and every reading that
         is not good, keep going to the sink set with :meth:`set_sink`, which must be set too.
+        Without a column sink, :meth:`_emit_columns` hands the same readings to that sink.
         """
         self._column_sink = sink
 

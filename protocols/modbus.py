@@ -619,7 +619,6 @@ class ModbusConnector(Connector[ModbusConfig]):
         unit = dev.config.unit_id
         out: list[Reading] = []
         cols: list[ReadingColumns] = []
-        columnar = self._column_sink is not None
         i = 0
         while i < len(dev.blocks):
             block = dev.blocks[i]
@@ -653,10 +652,12 @@ class ModbusConnector(Connector[ModbusConfig]):
                     Reading(pt.asset, pt.tag, now, None, Quality.BAD, code)
                     for pt, _ in block.points
                 ]
-            elif columnar and (values := self._decode_values(block, response)) is not None:
-                cols.append(ReadingColumns(block.names, now, values))
+            elif (values := self._decode_values(block, response)) is not None:
+                cols.append(
+                    ReadingColumns(block.names, now, values)
+                )  # readings without a column sink
             else:
-                out += self._decode_block(block, response, now)
+                out += self._decode_failed(block, response, now)
             i += 1
         dev.online = True
         self._emit(out)
@@ -664,7 +665,7 @@ class ModbusConnector(Connector[ModbusConfig]):
         return True
 
     def _decode_values(self, block: _Block, response: ModbusPDU) -> list[Value] | None:
-        """The block's values when all decode (columns); None sends it the per-reading way."""
+        """The block's values when all decode; None sends it to :meth:`_decode_failed`."""
         if block.read.table in BIT_TABLES:
             bits = response.bits
             return [bool(bits[i]) for _, i in block.points]
@@ -676,10 +677,9 @@ class ModbusConnector(Connector[ModbusConfig]):
         except DecodeError:
             return None
 
-    def _decode_block(self, block: _Block, response: ModbusPDU, now: int) -> list[Reading]:
-        if block.read.table in BIT_TABLES:
-            bits = response.bits
-            return [_good(pt.asset, pt.tag, now, bool(bits[i])) for pt, i in block.points]
+    def _decode_failed(self, block: _Block, response: ModbusPDU, now: int) -> list[Reading]:
+        """A register block that did not decode whole: a short response marks every point bad,
+        else each point that fails is bad and its neighbours keep their values (counted)."""
         regs = response.registers
         if len(regs) < block.read.count:
             self._malformed(f"short response: {len(regs)} of {block.read.count} registers")
