@@ -56,9 +56,15 @@ REDACTED = "<redacted>"
 
 
 class ConfigModel(BaseModel):
-    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+    """Base for every config section: unknown keys are errors, values are validated on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    pydantic's own error text leaves the input out (it may hold a secret); :func:`parse_config`
+    shows bad values itself, redacted where secret.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, hide_input_in_errors=True
+    )
 
 
 @dataclass(frozen=True, slots=True)

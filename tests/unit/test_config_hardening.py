@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from cloud.config import CloudConfig
 from edge.config import EdgeConfig
@@ -166,6 +166,16 @@ def _env_error(path: Path, environ: dict[str, str]) -> str:
     with pytest.raises(ConfigError) as err:
         load_config(path, CloudConfig, environ=environ)
     return str(err.value)
+
+
+def test_a_config_built_in_code_keeps_secrets_out_of_pydantic_errors():
+    with pytest.raises(ValidationError) as err:
+        CloudConfig(environment="development", api={"token": [SECRET]})
+    assert "api.token" in str(err.value) and SECRET not in str(err.value)
+    cfg = CloudConfig(environment="development")
+    with pytest.raises(ValidationError) as err:
+        cfg.api.token = {"k": SECRET}  # type: ignore[assignment]
+    assert SECRET not in str(err.value)
 
 
 def test_values_that_are_not_secrets_are_still_shown():
