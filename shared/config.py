@@ -257,6 +257,8 @@ _SECRET_TYPES: tuple[type, ...] = tuple(
 #: ``scheme://user:password@host``: the password part of a URL.
 _URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):[^/@\s]*@")
 _MAX_SHOWN = 200
+#: Shorter secrets are removed from messages only where quoted.
+_MIN_BARE_SECRET = 8
 
 
 def _members(tp: Any) -> list[Any]:
@@ -364,14 +366,21 @@ def _collect(value: Any, found: list[str], depth: int) -> None:
         _collect(value.get_secret_value(), found, depth + 1)
     elif value is not None and not isinstance(value, bool):
         text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-        if len(text) >= 3:  # shorter would blank out unrelated words of the message
+        if text:
             found.append(text)
 
 
 def _scrub(text: str, secrets: list[str]) -> str:
-    """``text`` without any of ``secrets`` (longest first) or URL passwords in it."""
+    """``text`` without any of ``secrets`` (longest first) or URL passwords in it.
+
+    A secret is removed wherever it is quoted; bare, only when it is long enough not to be a
+    word of the message itself (a token ``token`` must not blank out ``api.token``).
+    """
     for secret in sorted(set(secrets), key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
+        for quoted in (repr(secret), f'"{secret}"', f"'{secret}'"):
+            text = text.replace(quoted, REDACTED)
+        if len(secret) >= _MIN_BARE_SECRET:
+            text = text.replace(secret, REDACTED)
     return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
 
 

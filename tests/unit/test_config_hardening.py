@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr, ValidationError, field_validator, model_validator
 
 from cloud.config import CloudConfig
 from edge.config import EdgeConfig
@@ -117,6 +117,30 @@ def test_a_secret_is_found_by_its_declared_type_whatever_its_name():
     )
     assert "vaults[0].seal" in text and "shelves.a.seal" in text, text
     assert text.count(REDACTED) == 2 and SECRET not in text, text
+
+
+def test_a_validator_that_echoes_a_secret_is_redacted_and_the_message_stays_readable():
+    class Lock(ConfigModel):
+        pin: SecretStr
+        code: SecretStr | None = None
+
+        @field_validator("pin")
+        @classmethod
+        def _digits(cls, v: SecretStr) -> SecretStr:
+            if not v.get_secret_value().isdigit():
+                raise ValueError(f"pin {v.get_secret_value()!r} is not a pin of digits")
+            return v
+
+        @model_validator(mode="after")
+        def _differ(self) -> Lock:
+            if self.code is not None and self.code == self.pin:
+                raise ValueError(f"code equals pin: {self.code.get_secret_value()}-everywhere")
+            return self
+
+    text = _error("pin: pin\n", Lock)  # a short secret that is also a word of the message
+    assert "pin (line 1): got <redacted>; pin <redacted> is not a pin of digits" in text, text
+    text = _error("pin: '123456789'\ncode: '123456789'\n", Lock)
+    assert "code equals pin: <redacted>-everywhere" in text and "123456789" not in text, text
 
 
 def test_a_refused_section_does_not_print_the_secrets_in_it():
