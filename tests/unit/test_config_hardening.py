@@ -31,7 +31,8 @@ from shared.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-SECRET = "hunter2-do-not-print"
+# long enough to be a production api.token: the only problem is the one a test makes
+SECRET = "hunter2-do-not-print-0123456789"
 DEV = "environment: development\n"
 
 
@@ -172,7 +173,11 @@ def test_environment_overrides_of_secrets_are_taken_as_text_and_never_printed(tm
     path = tmp_path / "cloud.yaml"
     path.write_text("environment: staging\n")
     # a secret that YAML would read as a number, a list or a mapping stays the text it is
-    for raw in ("123456789012345678901234567", "[not, a, list, of, 24, characters]", "{a: b}"):
+    for raw in (
+        "123456789012345678901234567",
+        "[not, a, list, of, 24, characters]",
+        "{a: b, c: d, e: f, g: h}",
+    ):
         cfg = load_config(path, CloudConfig, environ={"EDGELOOP__API__TOKEN": raw})
         assert cfg.api.token is not None and cfg.api.token.get_secret_value() == raw
     # a whole section from the environment with a secret of the wrong type in it
