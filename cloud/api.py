@@ -421,8 +421,18 @@ async def _refuse(
     await response(scope, receive, send)
 
 
+#: A run of digits no signed 64-bit integer has (19 digits reach 9223372036854775807).
+_BIG_INTEGER = re.compile(r"(?<![0-9])[0-9]{19,}")
+
+
 async def _integer_overflow(request: Request, exc: Exception) -> Response:
-    """The last line of defence: an integer the database cannot store is the client's error."""
+    """The last line of defence: an integer from the request that the database cannot store
+    is the client's error (422). An overflow with no such integer in the path or query is the
+    service's own and stays a 500."""
+    where = f"{request.url.path}?{request.url.query}"
+    if not any(len(m) > 19 or int(m) > INT64_MAX for m in _BIG_INTEGER.findall(where)):
+        log.error("%s %s: %r", request.method, request.url.path, exc, exc_info=exc)
+        return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
     log.warning("%s %s: integer out of range (%s)", request.method, request.url.path, exc)
     return JSONResponse(
         {

@@ -244,6 +244,13 @@ async def test_integers_beyond_64_bits_are_a_422_naming_the_problem(kafka_broker
             ]:
                 r = await http.request(method, url, json=body, headers=AUTH)
                 assert r.status_code == 422, (method, url, r.status_code, r.text)
+
+            # an overflow of the service's own (no such integer in the request) stays a 500
+            async def overflows() -> None:
+                raise OverflowError("math range error")
+
+            svc.app.add_api_route("/api/test/overflow", overflows)
+            assert (await http.get("/api/test/overflow?n=12")).status_code == 500
             # in range, the same routes answer as before
             assert (await http.get(f"{m}/versions/{2**63 - 1}")).status_code == 404
             assert (await http.get(f"{m}/metrics?since_ns={2**63 - 1}")).status_code == 200
