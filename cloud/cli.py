@@ -21,8 +21,9 @@ def cloud() -> None:
     """Run the cloud service (ingest, learning, registry, API)."""
 
 
-async def run_service(config_path: Path) -> None:
-    """Run until SIGINT/SIGTERM, then stop cleanly (final checkpoint, offsets committed)."""
+async def run_service(config_path: Path) -> int:
+    """Run until SIGINT/SIGTERM (0), then stop cleanly (final checkpoint, offsets committed);
+    or until a core task dies (1: the service is failing; its supervisor restarts it)."""
     from cloud.config import load_cloud_config
     from cloud.service import CloudService
 
@@ -42,8 +43,21 @@ async def run_service(config_path: Path) -> None:
                 config.kafka.group_id,
                 where,
             )
-            await stop.wait()
+            waits = {
+                asyncio.create_task(stop.wait(), name="cloud-run:signal"),
+                asyncio.create_task(svc.failed.wait(), name="cloud-run:failure"),
+            }
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+            if svc.failure is not None:
+                log.critical("stopping: %s", svc.failure)
+                return 1
             log.info("stopping: final checkpoint, then offsets are committed")
+            return 0
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -65,7 +79,9 @@ def run(config_path: Path, log_level: str) -> None:
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(run_service(config_path))
+        code = asyncio.run(run_service(config_path))
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         raise SystemExit(1) from None
+    if code:
+        raise SystemExit(code)

@@ -211,8 +211,34 @@ class ApiConfig(ConfigModel):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    #: Bearer token for every write (promote, roll back). Required outside development.
+    #: Bearer token for every write (promote, roll back). Required outside development, and
+    #: there a random value of at least 24 characters, not a placeholder.
     token: SecretStr | None = None
+
+    def token_problem(self) -> str | None:
+        """Why ``token`` is unfit outside development (never quoting it), or None."""
+        if self.token is None:
+            return None
+        value = self.token.get_secret_value()
+        low = value.strip().lower()
+        placeholders = {"change-me", "changeme", "secret", "password", "token", "admin"}
+        placeholders |= {"test", "example"}
+        if (
+            low in placeholders
+            or any(part in low for part in ("change-me", "changeme", "change_me", "replace"))
+            or len(set(low)) <= 1  # xxxxxxxx..., 00000000...
+        ):
+            why = "is a placeholder"
+        elif len(value) < 24:
+            why = "is shorter than 24 characters"
+        else:
+            return None
+        return (
+            f"api.token {why}; outside development it must be a random value of at least 24 "
+            'characters, e.g. from `python -c "import secrets; print(secrets.token_urlsafe(32))"` '
+            "(set api.token or the EDGELOOP__API__TOKEN environment variable; a trial may run "
+            "with environment: development)"
+        )
 
 
 class DeliveryConfig(ConfigModel):
@@ -256,6 +282,23 @@ class WebhookConfig(ConfigModel):
     headers: dict[str, str] = Field(default_factory=dict)
 
 
+class ControlConfig(ConfigModel):
+    """What the cloud tells the agents on ``<prefix>.control`` (:mod:`shared.control`)."""
+
+    #: Publish what was applied after every checkpoint; off only where the agents use
+    #: ``uplink.delete_after: broker`` (then nothing waits for these messages).
+    acks: bool = True
+    #: An agent whose heartbeat shows batches the cloud has not confirmed for this long is sent
+    #: its acknowledgement state again (at most this often).
+    republish_after_s: float = Field(default=30.0, gt=0)
+    #: ... and when that did not help for this long while this replica is caught up, the agent
+    #: is asked to replay what it holds (a loss no other check saw). 0 turns this off.
+    replay_unconfirmed_after_s: float = Field(default=300.0, ge=0)
+    #: How often the consumer compares its positions with the brokers' log ends.
+    log_check_interval_s: float = Field(default=2.0, gt=0)
+    partitions: int = Field(default=1, ge=1)
+
+
 class CloudConfig(ConfigModel):
     environment: Literal["production", "staging", "development"] = "production"
     #: Names this learner process's checkpoints; processes sharing a DB need distinct names.
@@ -275,8 +318,15 @@ class CloudConfig(ConfigModel):
     checkpoint_records: int = Field(default=20_000, ge=1)
     #: Prequential metrics are snapshotted into the registry this often (metrics over time).
     metrics_snapshot_s: float = Field(default=10.0, gt=0)
-    #: Applied batch sequence numbers remembered above each (agent, partition) floor.
-    dedupe_window: int = Field(default=4096, ge=16)
+    #: Applied batch sequence numbers remembered above each (agent, incarnation, partition)
+    #: floor at most. The agents' ``el-low`` header keeps the list to what they may resend;
+    #: this bounds memory beyond that (an overflow is counted and logged).
+    dedupe_window: int = Field(default=65_536, ge=16)
+    #: The end-to-end acknowledgement and lost-log recovery (docs/reliability.md).
+    control: ControlConfig = Field(default_factory=lambda: ControlConfig())
+    #: Keep one registry row per applied batch (``applied_batches``), written with the
+    #: checkpoint that covers it: an audit trail of what was applied (the chaos suite reads it).
+    audit_applied: bool = False
     #: While the service runs, the objects that existed when it started (modules, config,
     #: restored learners) are frozen out of the cyclic garbage collector (``gc.freeze``), so
     #: its full passes scan only what the stream allocated since; unfrozen at stop.
@@ -289,6 +339,9 @@ class CloudConfig(ConfigModel):
                 "api.token is required outside development (set api.token, the "
                 "EDGELOOP__API__TOKEN environment variable, or environment: development)"
             )
+        problem = self.api.token_problem()
+        if self.api.enabled and problem is not None and self.environment != "development":
+            raise ValueError(problem)
         names = [m.name for m in self.models]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

@@ -1,13 +1,22 @@
-"""Which batches were already applied: (agent_id, batch_seq) per Kafka partition, compactly.
+"""Which batches were already applied: per agent incarnation and Kafka partition, compactly.
 
-A batch lands on the partition of its key (the asset), so every copy of a batch — a producer
-retry, an outbox replay after an outage — lands on the same partition, and one partition has one
-consumer at a time. The state is therefore kept per (agent, topic, partition): a ``floor`` (every
-seq at or below it counts as applied) plus the set of applied seqs above it. An agent's seqs are
-spread over topics and partitions, so that set is sparse, not contiguous; it is bounded by
-``window``: when it grows past it the floor rises to the oldest remembered seq. A batch arriving
-more than ``window`` applied batches out of order on its own partition would be dropped as a
-duplicate — far beyond what a producer's in-flight window reorders.
+A batch's identity is ``(agent_id, incarnation, batch_seq)``. It lands on the partition of its
+key (the asset), so every copy of a batch — a producer retry, an outbox resend after an outage,
+a replay after the broker lost its log — lands on the same partition, and one partition has one
+consumer at a time. The state is therefore kept per (agent, incarnation, topic, partition): a
+``floor`` (every seq at or below it counts as applied) plus the sorted list of applied seqs
+above it. An agent's seqs are spread over topics and partitions, so that list is sparse.
+
+What keeps the list short without guessing: every message carries the lowest ``batch_seq`` its
+agent still held when it was sent (the ``el-low`` header). Nothing below it will ever come
+again from that incarnation, so the floor rises to it and the list holds only applied batches
+the agent may still resend. ``window`` is a memory bound beyond that (counted as an overflow
+when it has to forget an applied batch: a resend below the floor would then be taken for a
+duplicate). Messages without the header (older agents) rely on ``window`` alone.
+
+The same state, published after each checkpoint, is the end-to-end acknowledgement
+(:mod:`shared.control`): a key becomes *ack-dirty* when a batch was applied or dropped as a
+duplicate (the agent resent something it must be told about again).
 """
 
 from __future__ import annotations
@@ -15,10 +24,12 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from shared.control import decode_ranges, encode_ranges
+
 __all__ = ["DedupeKey", "SeqTracker", "SeqWindow"]
 
-#: (agent_id, topic, partition)
-DedupeKey = tuple[str, str, int]
+#: (agent_id, incarnation, topic, partition)
+DedupeKey = tuple[str, str, str, int]
 
 
 @dataclass(slots=True)
@@ -32,73 +43,101 @@ class SeqWindow:
         i = bisect.bisect_left(self.recent, seq)
         return i < len(self.recent) and self.recent[i] == seq
 
-    def add(self, seq: int, window: int) -> None:
+    def add(self, seq: int, window: int) -> bool:
+        """Mark ``seq`` applied; True when the window had to forget applied seqs for room."""
         if seq <= self.floor:
-            return
+            return False
         recent = self.recent
         if not recent or seq > recent[-1]:
             recent.append(seq)
         else:
             i = bisect.bisect_left(recent, seq)
             if i < len(recent) and recent[i] == seq:
-                return
+                return False
             recent.insert(i, seq)
         if len(recent) > window:
             cut = len(recent) - window
             self.floor = recent[cut - 1]
             del recent[:cut]
+            return True
+        return False
+
+    def raise_floor(self, floor: int) -> None:
+        """Everything at or below ``floor`` is settled (the agent holds nothing of it any more)."""
+        if floor <= self.floor:
+            return
+        self.floor = floor
+        recent = self.recent
+        if recent and recent[0] <= floor:
+            del recent[: bisect.bisect_right(recent, floor)]
 
     def encode(self) -> str:
         """Compact text: runs of consecutive seqs as ``a-b``, e.g. ``"7-9,12,15-16"``."""
-        parts: list[str] = []
-        r = self.recent
-        i = 0
-        while i < len(r):
-            j = i
-            while j + 1 < len(r) and r[j + 1] == r[j] + 1:
-                j += 1
-            parts.append(str(r[i]) if i == j else f"{r[i]}-{r[j]}")
-            i = j + 1
-        return ",".join(parts)
+        return encode_ranges(self.recent)
 
     @classmethod
     def decode(cls, floor: int, text: str) -> SeqWindow:
         recent: list[int] = []
-        for part in filter(None, text.split(",")):
-            lo, _, hi = part.partition("-")
-            recent.extend(range(int(lo), int(hi or lo) + 1))
+        for lo, hi in decode_ranges(text):
+            recent.extend(range(lo, hi + 1))
         return cls(floor, recent)
 
 
 class SeqTracker:
-    """The applied-batch record of every (agent, topic, partition) this process consumes."""
+    """The applied-batch record of every (agent, incarnation, topic, partition) consumed here."""
 
     def __init__(self, window: int) -> None:
         self.window = window
         self._state: dict[DedupeKey, SeqWindow] = {}
         self._dirty: set[DedupeKey] = set()
+        self._ack_dirty: set[DedupeKey] = set()
         self.dropped = 0
+        self.overflows = 0
 
     def seen(self, key: DedupeKey, seq: int) -> bool:
         w = self._state.get(key)
         return w is not None and w.seen(seq)
 
-    def mark(self, key: DedupeKey, seq: int) -> None:
+    def mark(self, key: DedupeKey, seq: int) -> bool:
+        """Record ``seq`` applied; True when the window overflowed (see the module doc)."""
         w = self._state.get(key)
         if w is None:
             w = self._state[key] = SeqWindow()
-        w.add(seq, self.window)
+        overflow = w.add(seq, self.window)
         self._dirty.add(key)
+        self._ack_dirty.add(key)
+        if overflow:
+            self.overflows += 1
+        return overflow
+
+    def duplicate(self, key: DedupeKey) -> None:
+        """A duplicate came in: the agent still holds it, so tell it again."""
+        self._ack_dirty.add(key)
+
+    def raise_floor(self, key: DedupeKey, floor: int) -> None:
+        w = self._state.get(key)
+        if w is None:
+            w = self._state[key] = SeqWindow()
+        if floor > w.floor:
+            w.raise_floor(floor)
+            self._dirty.add(key)
 
     def load(self, key: DedupeKey, window: SeqWindow) -> None:
         self._state[key] = window
         self._dirty.discard(key)
 
+    def get(self, key: DedupeKey) -> SeqWindow | None:
+        return self._state.get(key)
+
+    def keys_of(self, agent_id: str) -> list[DedupeKey]:
+        return [k for k in self._state if k[0] == agent_id]
+
     def forget_partition(self, topic: str, partition: int) -> None:
         """Drop state of a partition this process no longer owns (its new owner loads it)."""
-        for key in [k for k in self._state if k[1] == topic and k[2] == partition]:
+        for key in [k for k in self._state if k[2] == topic and k[3] == partition]:
             del self._state[key]
             self._dirty.discard(key)
+            self._ack_dirty.discard(key)
 
     def take_dirty(self) -> dict[DedupeKey, SeqWindow]:
         """Entries changed since the last call (copies, safe to write from another thread)."""
@@ -113,6 +152,19 @@ class SeqTracker:
     def restore_dirty(self, keys: dict[DedupeKey, SeqWindow]) -> None:
         """A write failed: those entries are dirty again."""
         self._dirty.update(k for k in keys if k in self._state)
+
+    def take_ack_dirty(self) -> dict[DedupeKey, tuple[int, str]]:
+        """(floor, ranges) of the entries to acknowledge since the last call."""
+        out = {
+            k: (self._state[k].floor, self._state[k].encode())
+            for k in self._ack_dirty
+            if k in self._state
+        }
+        self._ack_dirty.clear()
+        return out
+
+    def restore_ack_dirty(self, keys: set[DedupeKey]) -> None:
+        self._ack_dirty.update(k for k in keys if k in self._state)
 
     def __len__(self) -> int:
         return len(self._state)

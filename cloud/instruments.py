@@ -85,6 +85,48 @@ class CloudMetrics:
             f"{_NS}_promotions", "Champion changes, by reason", ["model", "reason"], registry=r
         )
         self.agents = Gauge(f"{_NS}_agents", "Agents seen (heartbeats)", registry=r)
+        self.log_lost = Counter(
+            f"{_NS}_log_lost",
+            "Partitions whose Kafka log was found lost, truncated or replaced (the cloud resumed "
+            "from what the broker still has and asked the agents to replay)",
+            ["topic", "reason"],
+            registry=r,
+        )
+        self.replay_requests = Counter(
+            f"{_NS}_replay_requests",
+            "Replay requests sent to agents, by cause",
+            ["cause"],
+            registry=r,
+        )
+        self.acks_published = Counter(
+            f"{_NS}_acks_published",
+            "End-to-end acknowledgements published on the control topic",
+            registry=r,
+        )
+        self.control_errors = Counter(
+            f"{_NS}_control_publish_errors", "Failed control-topic publish rounds", registry=r
+        )
+        self.quarantined = Counter(
+            f"{_NS}_quarantined_records",
+            "Records set aside as dead-letter events (undecodable record, unlearnable sample)",
+            ["topic", "stage"],
+            registry=r,
+        )
+        self.dedupe_overflow = Counter(
+            f"{_NS}_dedupe_window_overflows",
+            "Dedupe windows that had to forget applied batches (a replay below would be lost)",
+            registry=r,
+        )
+        self.incarnations = Counter(
+            f"{_NS}_agent_incarnations",
+            "New agent incarnations seen (a gateway whose outbox was recreated)",
+            registry=r,
+        )
+        self.failed = Gauge(
+            f"{_NS}_failed",
+            "1 once a core task died: the service exits to be restarted",
+            registry=r,
+        )
         self.webhook = Gauge(
             f"{_NS}_webhook_notifications", "Webhook notifications", ["result"], registry=r
         )

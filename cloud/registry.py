@@ -116,13 +116,58 @@ class CheckpointRow(_Base):
     ts_ns: Mapped[int] = mapped_column(BigInteger)
 
 
-class DedupeRow(_Base):
+class LegacyDedupeRow(_Base):
+    """Dedupe state before batch identities carried an incarnation (read once, to migrate)."""
+
     __tablename__ = "dedupe"
     agent_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     topic: Mapped[str] = mapped_column(String(250), primary_key=True)
     partition: Mapped[int] = mapped_column(Integer, primary_key=True)
     floor: Mapped[int] = mapped_column(BigInteger)
     recent: Mapped[str] = mapped_column(Text)
+
+
+class DedupeRow(_Base):
+    __tablename__ = "dedupe_windows"
+    __table_args__ = (Index("ix_dedupe_windows_tp", "topic", "partition"),)
+    agent_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    incarnation: Mapped[str] = mapped_column(String(64), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(250), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    floor: Mapped[int] = mapped_column(BigInteger)
+    recent: Mapped[str] = mapped_column(Text)
+    updated_ns: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class LogMarkRow(_Base):
+    """The last message consumed from a partition: offset and fingerprint. Whoever owns the
+    partition next checks the broker still has that very message there (else its log was lost,
+    truncated or replaced, and the cloud asks the agents to replay)."""
+
+    __tablename__ = "log_marks"
+    topic: Mapped[str] = mapped_column(String(250), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    ts_ns: Mapped[int] = mapped_column(BigInteger)
+
+
+class AppliedBatchRow(_Base):
+    """One row per applied batch, written in the checkpoint that covers it (``audit_applied``):
+    the cloud's application history, for the chaos checker and audits."""
+
+    __tablename__ = "applied_batches"
+    __table_args__ = (Index("ix_applied_batches_identity", "agent_id", "incarnation", "batch_seq"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(String(200))
+    incarnation: Mapped[str] = mapped_column(String(64))
+    batch_seq: Mapped[int] = mapped_column(BigInteger)
+    topic: Mapped[str] = mapped_column(String(250))
+    partition: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    records: Mapped[int] = mapped_column(Integer)
+    instance: Mapped[str] = mapped_column(String(100))
+    ts_ns: Mapped[int] = mapped_column(BigInteger)
 
 
 class AgentRow(_Base):
@@ -278,6 +323,28 @@ class Registry:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         _Base.metadata.create_all(self.engine)
+        self._migrate_dedupe()
+
+    def _migrate_dedupe(self) -> None:
+        """Dedupe rows of the old layout become incarnation "" (wire version 1 batches), once."""
+        with self._session.begin() as s:
+            if s.scalar(select(func.count()).select_from(LegacyDedupeRow)) == 0:
+                return
+            for r in s.scalars(select(LegacyDedupeRow)).all():
+                key = (r.agent_id, "", r.topic, r.partition)
+                if s.get(DedupeRow, key) is None:
+                    s.add(
+                        DedupeRow(
+                            agent_id=r.agent_id,
+                            incarnation="",
+                            topic=r.topic,
+                            partition=r.partition,
+                            floor=r.floor,
+                            recent=r.recent,
+                            updated_ns=now_ns(),
+                        )
+                    )
+                s.delete(r)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -539,8 +606,13 @@ class Registry:
         dedupe: Mapping[DedupeKey, SeqWindow],
         agents: Iterable[tuple[Heartbeat, int]] = (),
         events: Iterable[tuple[str, Event]] = (),
+        marks: Mapping[tuple[str, int], tuple[int, str]] | None = None,
+        applied: Iterable[Mapping[str, Any]] = (),
     ) -> None:
-        """Everything consumed so far, in one transaction (then offsets may be committed)."""
+        """Everything consumed so far, in one transaction (then offsets may be committed).
+
+        ``marks``: per (topic, partition) the offset and fingerprint of the last message
+        consumed; ``applied``: audit rows of the batches applied since the last checkpoint."""
         now = now_ns()
         with self._session.begin() as s:
             s.merge(
@@ -552,16 +624,29 @@ class Registry:
                     ts_ns=now,
                 )
             )
-            for (agent, topic, partition), w in dedupe.items():
+            for (agent, incarnation, topic, partition), w in dedupe.items():
                 s.merge(
                     DedupeRow(
                         agent_id=agent,
+                        incarnation=incarnation,
                         topic=topic,
                         partition=partition,
                         floor=w.floor,
                         recent=w.encode(),
+                        updated_ns=now,
                     )
                 )
+            for (topic, partition), (offset, fingerprint) in (marks or {}).items():
+                s.merge(
+                    LogMarkRow(
+                        topic=topic,
+                        partition=partition,
+                        offset=offset,
+                        fingerprint=fingerprint,
+                        ts_ns=now,
+                    )
+                )
+            s.add_all(AppliedBatchRow(**dict(row)) for row in applied)
             for hb, received in agents:
                 s.merge(
                     AgentRow(
@@ -601,10 +686,57 @@ class Registry:
         with self._session() as s:
             rows = s.scalars(select(DedupeRow).where(DedupeRow.topic.in_(topics))).all()
             return {
-                (r.agent_id, r.topic, r.partition): SeqWindow.decode(r.floor, r.recent)
+                (r.agent_id, r.incarnation, r.topic, r.partition): SeqWindow.decode(
+                    r.floor, r.recent
+                )
                 for r in rows
                 if (r.topic, r.partition) in wanted
             }
+
+    def dedupe_of(self, agent_id: str) -> dict[DedupeKey, SeqWindow]:
+        """Every dedupe window of one agent (any incarnation, topic, partition)."""
+        with self._session() as s:
+            rows = s.scalars(select(DedupeRow).where(DedupeRow.agent_id == agent_id)).all()
+            return {
+                (r.agent_id, r.incarnation, r.topic, r.partition): SeqWindow.decode(
+                    r.floor, r.recent
+                )
+                for r in rows
+            }
+
+    def load_marks(
+        self, partitions: Iterable[tuple[str, int]]
+    ) -> dict[tuple[str, int], tuple[int, str]]:
+        """(topic, partition) -> (offset, fingerprint) of the last consumed message."""
+        wanted = set(partitions)
+        if not wanted:
+            return {}
+        with self._session() as s:
+            rows = s.scalars(
+                select(LogMarkRow).where(LogMarkRow.topic.in_({t for t, _ in wanted}))
+            ).all()
+            return {
+                (r.topic, r.partition): (r.offset, r.fingerprint)
+                for r in rows
+                if (r.topic, r.partition) in wanted
+            }
+
+    def forget_marks(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """The log these marks describe is gone: forget them (the next checkpoint sets new)."""
+        with self._session.begin() as s:
+            for topic, partition in partitions:
+                row = s.get(LogMarkRow, (topic, partition))
+                if row is not None:
+                    s.delete(row)
+
+    def applied_batches(self, agent_id: str | None = None) -> list[dict[str, Any]]:
+        """The audit rows (``audit_applied``), oldest first."""
+        with self._session() as s:
+            q = select(AppliedBatchRow).order_by(AppliedBatchRow.id)
+            if agent_id is not None:
+                q = q.where(AppliedBatchRow.agent_id == agent_id)
+            cols = ("agent_id", "incarnation", "batch_seq", "topic", "partition", "offset")
+            return [_row_dict(r, (*cols, "records", "instance", "ts_ns")) for r in s.scalars(q)]
 
     def agents(self) -> list[dict[str, Any]]:
         with self._session() as s:

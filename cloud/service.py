@@ -1,14 +1,25 @@
 """The cloud service: one process, one lifecycle — Kafka ingest, learners, registry, API.
 
-Data flow per poll: ``getmany`` -> decode (a poison message is logged, counted, skipped) ->
-dedupe by (agent_id, batch_seq) per partition -> apply (frames and labels into the join, joined
+Data flow per poll: ``getmany`` -> decode (a poison message is logged, counted, skipped; a bad
+record inside a good batch is quarantined alone as a dead-letter event) -> dedupe by
+(agent_id, incarnation, batch_seq) per partition -> apply (frames and labels into the join, joined
 pairs into every matching model's learners; heartbeats into the fleet; events queued for the
 registry; telemetry counted) -> drift detections and promotion decisions are recorded as they
 happen. Durability: every ``checkpoint_interval_s`` (or ``checkpoint_records`` records), the
-learners, the join buffer, the dedupe state, the fleet and queued events are written to the
-registry in one transaction, and only then are the consumed offsets committed to Kafka. After a
-crash the group resumes from the committed offsets, which are never ahead of the checkpoint; the
-batches between them are dropped by the restored dedupe state, so nothing is learned twice.
+learners, the join buffer, the dedupe state, the fleet, queued events and the last message seen
+per partition (its offset and fingerprint) are written to the registry in one transaction, and
+only then are the consumed offsets committed to Kafka and what was applied published to the
+agents on ``<prefix>.control`` (the end-to-end acknowledgement: an agent deletes a batch only
+then). After a crash the group resumes from the committed offsets, which are never ahead of the
+checkpoint; the batches between them are dropped by the restored dedupe state, so nothing is
+learned twice.
+
+Lost log (docs/reliability.md): a committed offset beyond the log end or before its start, a
+message at the last consumed offset that is not the one consumed there (a re-created topic, a
+broker that came back empty and was refilled), or a log end that falls below the position while
+reading all mean records the broker acknowledged are gone. The service then resumes from what the
+broker still has, counts it (``edgeloop_cloud_log_lost_total``), logs it at ERROR and asks every
+agent to replay what it holds unconfirmed; dedupe drops what had been applied.
 """
 
 from __future__ import annotations
@@ -17,24 +28,33 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import pickle
 import time
+import uuid
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+)
 
 from cloud.config import CloudConfig, KafkaConfig
-from cloud.dedupe import SeqTracker
+from cloud.dedupe import DedupeKey, SeqTracker
 from cloud.drift import DriftDetection, WebhookNotifier
 from cloud.instruments import CloudMetrics
 from cloud.join import JoinBuffer
 from cloud.learning import ModelLearner, PromotionDecision
 from cloud.registry import Registry, VersionEntry
-from shared.records import Event, Frame, Heartbeat, Label, now_ns
+from shared.control import BROADCAST, encode_applied, encode_replay
+from shared.records import Event, Frame, Heartbeat, Label, Severity, dead_letter_event, now_ns
 from shared.wire import Batch, Kind, WireDecodeError, decode_batch
 
 __all__ = ["CloudService", "PromotionHook", "kafka_client_options"]
@@ -45,6 +65,21 @@ log = logging.getLogger(__name__)
 PromotionHook = Callable[[VersionEntry], Awaitable[None]]
 
 _CHECKPOINT_FORMAT = 1
+#: the header carrying the lowest batch_seq the sending agent still held (edge/uplink.py)
+LOW_HEADER = "el-low"
+#: the event rule under which a new agent incarnation is recorded
+NEW_INCARNATION_RULE = "edgeloop.new_incarnation"
+
+
+def _unlearnable(frame: Frame) -> bool:
+    """A sample no learner may see: an infinite feature (NaN means missing and is fine)."""
+    return any(map(math.isinf, frame.features.values()))
+
+
+def _fingerprint(msg: Any) -> str:
+    """What identifies one Kafka message at its offset (for the lost-log check)."""
+    value = msg.value or b""
+    return f"{msg.timestamp}:{len(value)}:{zlib.crc32(value):08x}"
 
 
 def kafka_client_options(cfg: KafkaConfig) -> dict[str, Any]:
@@ -173,6 +208,28 @@ class CloudService:
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._positions: dict[TopicPartition, int] = {}
+        #: per partition: offset and fingerprint of the last message consumed (checkpointed)
+        self._marks: dict[TopicPartition, tuple[int, str]] = {}
+        #: partitions resumed at their last consumed message, to check it is still that one
+        self._verify: dict[TopicPartition, tuple[int, str]] = {}
+        self._applied_log: list[dict[str, Any]] = []  # audit rows until the next checkpoint
+        #: recent lost-log detections (newest last), for /healthz and the API
+        self.log_losses: deque[dict[str, Any]] = deque(maxlen=50)
+        #: per agent: its newest incarnation and the newest batch creation time seen from it
+        self.incarnations: dict[str, tuple[str, int]] = {}
+        self.quarantined = 0
+        self._control_producer: AIOKafkaProducer | None = None
+        self._acks_pending: dict[tuple[str, str], dict[tuple[str, int], tuple[int, str]]] = {}
+        self._replays_pending: list[tuple[str, str, str]] = []  # (agent or *, reason, cause)
+        self._control_wake = asyncio.Event()
+        self._republished: dict[str, float] = {}
+        self._replayed: dict[str, float] = {}
+        self.acks_published = 0
+        self.replays_requested = 0
+        self.control_error: str | None = None
+        #: set when a core task died: the service is failing and its process must exit non-zero
+        self.failure: str | None = None
+        self.failed = asyncio.Event()
         self._agents_dirty: set[str] = set()
         self._events: list[tuple[str, Event]] = []
         self._since_checkpoint = 0
@@ -226,11 +283,21 @@ class CloudService:
             kc = self.config.kafka
             if kc.create_topics:
                 await self._create_topics()
+            self._control_producer = AIOKafkaProducer(
+                **{**kafka_client_options(kc), "client_id": f"{kc.client_id}-control"},
+                acks="all",
+                enable_idempotence=False,
+                linger_ms=5,
+            )
+            await self._control_producer.start()
             self._consumer = AIOKafkaConsumer(
                 **kafka_client_options(kc),
                 group_id=kc.group_id,
                 enable_auto_commit=False,
-                auto_offset_reset=kc.auto_offset_reset,
+                # positions are always set by the assignment hook (committed offset, checked
+                # against the log); a position the broker calls out of range is a lost log
+                # to handle here, never a silent reset
+                auto_offset_reset="none",
                 max_poll_records=kc.max_poll_records,
                 session_timeout_ms=int(kc.session_timeout_s * 1000),
                 heartbeat_interval_ms=int(kc.session_timeout_s * 1000 / 3),
@@ -246,10 +313,14 @@ class CloudService:
             self._tasks.append(asyncio.create_task(self._ingest(), name="cloud-ingest"))
             self._tasks.append(asyncio.create_task(self._snapshots(), name="cloud-snapshots"))
             self._tasks.append(asyncio.create_task(self._run_hooks(), name="cloud-hooks"))
+            self._tasks.append(asyncio.create_task(self._control_loop(), name="cloud-control"))
             if self._serve_api:
                 await self._start_api()
             if self.delivery is not None:
                 await self.delivery.start()
+            for task in [*self._tasks, self._api_task]:
+                if task is not None:
+                    task.add_done_callback(self._task_done)
         except BaseException:
             await self.stop()
             raise
@@ -285,6 +356,12 @@ class CloudService:
                 await self.checkpoint()
             except Exception:
                 log.exception("final checkpoint failed; the group resumes from the last one")
+        if self._control_producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._publish_control(), 5.0)  # the final acks
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._control_producer.stop(), 5.0)
+            self._control_producer = None
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
@@ -306,10 +383,12 @@ class CloudService:
         try:
             await admin.start()
             existing = set(await admin.list_topics())
-            missing = [t for t in self.topics.uplink() if t not in existing]
+            wanted = {t: kc.partitions for t in self.topics.uplink()}
+            wanted[self.topics.control] = self.config.control.partitions
+            missing = [t for t in wanted if t not in existing]
             if missing:
                 await admin.create_topics(
-                    [NewTopic(t, kc.partitions, kc.replication_factor) for t in missing]
+                    [NewTopic(t, wanted[t], kc.replication_factor) for t in missing]
                 )
                 log.info("created topics %s", ", ".join(missing))
         except KafkaError as exc:
@@ -371,6 +450,7 @@ class CloudService:
             self.join.reconfigure(self.config.join)
             self.stats = state["stats"]
             self.learned = state.get("learned", 0)
+            self.incarnations = dict(state.get("incarnations", {}))
             self.restored_from = {"offsets": offsets, "ts_ns": ts_ns}
             log.info(
                 "resumed instance %r from its checkpoint (%d samples learned)",
@@ -413,11 +493,29 @@ class CloudService:
         consumer = self._consumer
         assert consumer is not None
         backoff = 0.1
+        check_every = self.config.control.log_check_interval_s
+        next_check = time.monotonic() + check_every
         while not self._stopping.is_set():
             try:
                 polled = await consumer.getmany(
                     timeout_ms=200, max_records=self.config.kafka.max_poll_records
                 )
+            except OffsetOutOfRangeError as exc:
+                # the broker no longer has the position: the log was truncated or replaced
+                offsets = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+                await self._log_lost(
+                    {
+                        tp: ("out_of_range", f"offset {off} is out of range")
+                        for tp, off in offsets.items()
+                    }
+                )
+                continue
+            except NoOffsetForPartitionError as exc:
+                # assigned without a position (the assignment hook could not set one)
+                for tp in exc.args:
+                    if isinstance(tp, TopicPartition):
+                        await self._start_fresh(tp)
+                continue
             except KafkaError as exc:
                 log.warning("Kafka poll failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
@@ -425,50 +523,160 @@ class CloudService:
                 continue
             backoff = 0.1
             for tp, messages in polled.items():
+                if tp in self._verify and messages:
+                    kept = await self._verified(tp, messages)
+                    if kept is None:
+                        continue  # the log was lost: this partition starts over
+                    messages = kept
                 for msg in messages:
-                    notices = self._apply(msg.topic, msg.partition, msg.value)
+                    notices = self._apply(
+                        msg.topic, msg.partition, msg.value, msg.headers, msg.offset
+                    )
                     self._positions[tp] = msg.offset + 1
                     if notices:
                         await self._handle(notices)
+                if messages:
+                    last = messages[-1]
+                    self._marks[tp] = (last.offset, _fingerprint(last))
                 self._since_checkpoint += len(messages)
             if polled:
                 await asyncio.sleep(0)  # let the API answer between polls
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + check_every
+                await self._check_log_ends()
             if self._since_checkpoint and (
                 self._since_checkpoint >= self.config.checkpoint_records
                 or time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
             ):
                 await self.checkpoint()
 
-    def _apply(self, topic: str, partition: int, value: bytes | None) -> list[Any]:
+    def _apply(
+        self,
+        topic: str,
+        partition: int,
+        value: bytes | None,
+        headers: Any = (),
+        offset: int = -1,
+    ) -> list[Any]:
         """Apply one Kafka message; returns drift detections and promotion decisions."""
         stats = self.stats
         if value is None:
             return self._poison(topic, partition, "empty message value (tombstone)")
         try:
-            batch = decode_batch(value)
+            batch = decode_batch(value, quarantine=True)
         except WireDecodeError as exc:
             return self._poison(topic, partition, str(exc))
         stats.batches[topic] = stats.batches.get(topic, 0) + 1
         self.metrics.ingest_batches.labels(topic).inc()
-        key = (batch.agent_id, topic, partition)
-        if self.seqs.seen(key, batch.batch_seq):
+        agent, inc, seq = batch.agent_id, batch.incarnation, batch.batch_seq
+        key: DedupeKey = (agent, inc, topic, partition)
+        for k, v in headers or ():
+            if k == LOW_HEADER:
+                try:
+                    low = int(v)
+                except (TypeError, ValueError):
+                    break
+                if 0 < low <= seq:
+                    self.seqs.raise_floor(key, low - 1)
+                break
+        self._track_incarnation(agent, inc, batch.created_ns)
+        if self.seqs.seen(key, seq):
             stats.dedupe_dropped[topic] = stats.dedupe_dropped.get(topic, 0) + 1
             self.metrics.dedupe_drops.labels(topic).inc()
+            self.seqs.duplicate(key)
             return []
+        for _index, reason in batch.rejected:
+            self._quarantine(topic, agent, "decode", f"batch {agent}#{seq}: {reason}")
         notices: list[Any] = []
         try:
             self._apply_batch(batch, notices)
         except Exception as exc:
             # part of it may be applied: marked as seen all the same, so never applied twice
-            self.seqs.mark(key, batch.batch_seq)
-            log.exception("applying batch %s#%d failed", batch.agent_id, batch.batch_seq)
-            self._poison(topic, partition, f"batch {batch.agent_id}#{batch.batch_seq}: {exc!r}")
+            self._mark(key, batch, topic, partition, offset)
+            log.exception("applying batch %s#%d failed", agent, seq)
+            self._poison(topic, partition, f"batch {agent}#{seq}: {exc!r}")
             return notices
-        self.seqs.mark(key, batch.batch_seq)
+        self._mark(key, batch, topic, partition, offset)
         n = len(batch.records)
         stats.records[topic] = stats.records.get(topic, 0) + n
         self.metrics.ingest_records.labels(topic).inc(n)
         return notices
+
+    def _mark(self, key: DedupeKey, batch: Batch, topic: str, partition: int, offset: int) -> None:
+        if self.seqs.mark(key, batch.batch_seq):
+            self.metrics.dedupe_overflow.inc()
+            if self.seqs.overflows == 1 or self.seqs.overflows % 1000 == 0:
+                log.error(
+                    "dedupe window of %s full (dedupe_window %d): it forgot applied batches; a "
+                    "resend below its floor would be taken for a duplicate. Raise dedupe_window "
+                    "or update the agent (its el-low header keeps the window short)",
+                    key,
+                    self.seqs.window,
+                )
+        if self.config.audit_applied:
+            self._applied_log.append(
+                {
+                    "agent_id": batch.agent_id,
+                    "incarnation": batch.incarnation,
+                    "batch_seq": batch.batch_seq,
+                    "topic": topic,
+                    "partition": partition,
+                    "offset": offset,
+                    "records": len(batch.records),
+                    "instance": self.config.instance,
+                    "ts_ns": now_ns(),
+                }
+            )
+
+    def _track_incarnation(self, agent: str, incarnation: str, created_ns: int) -> None:
+        known = self.incarnations.get(agent)
+        if known is None:
+            self.incarnations[agent] = (incarnation, created_ns)
+            return
+        if created_ns <= known[1]:
+            return
+        self.incarnations[agent] = (incarnation, created_ns)
+        if known[0] == incarnation:
+            return
+        self.metrics.incarnations.inc()
+        log.warning(
+            "agent %s has a new incarnation %s (was %s): its outbox was created anew — a "
+            "reinstall or a lost state directory. Its batches are numbered from 1 again and "
+            "applied as new; anything the old outbox still held unsent is gone",
+            agent,
+            incarnation or "(none)",
+            known[0] or "(none)",
+        )
+        self._events.append(
+            (
+                agent,
+                Event(
+                    NEW_INCARNATION_RULE,
+                    agent,
+                    created_ns,
+                    Severity.WARNING,
+                    f"agent {agent} started a new incarnation (its outbox was created anew)",
+                    {"incarnation": incarnation, "previous": known[0]},
+                ),
+            )
+        )
+
+    def _quarantine(
+        self, topic: str, agent: str, stage: str, reason: str, payload: str | None = None
+    ) -> None:
+        """Set one record aside as a dead-letter event (stored with the next checkpoint)."""
+        self.quarantined += 1
+        self.metrics.quarantined.labels(topic, stage).inc()
+        if self.quarantined <= 10 or self.quarantined % 1000 == 0:
+            log.warning("quarantined a record from %s (%s, %s): %s", agent, topic, stage, reason)
+        self._events.append(
+            (
+                agent,
+                dead_letter_event(
+                    origin="cloud", source=f"{topic} ({stage})", reason=reason, payload=payload
+                ),
+            )
+        )
 
     def _poison(self, topic: str, partition: int, why: str) -> list[Any]:
         self.stats.poison[topic] = self.stats.poison.get(topic, 0) + 1
@@ -511,6 +719,7 @@ class CloudService:
                                 )
                     self.fleet[rec.agent_id] = (rec, received)
                     self._agents_dirty.add(rec.agent_id)
+                    self._check_unconfirmed(rec)
         elif kind is Kind.EVENT:
             for rec in batch.records:
                 assert isinstance(rec, Event)
@@ -541,6 +750,23 @@ class CloudService:
                 if mine:
                     runs.append((learner, mine))
         for learner, mine in runs:
+            if any(_unlearnable(f) for f, _ in mine):
+                kept = []
+                for f, lb in mine:
+                    if _unlearnable(f):
+                        self._quarantine(
+                            self.topics.frames,
+                            f.asset,
+                            "learn",
+                            f"model {learner.name}: frame {f.asset}/{f.key} has an infinite "
+                            "feature value; its sample is not learned",
+                            repr(f),
+                        )
+                    else:
+                        kept.append((f, lb))
+                mine = kept
+                if not mine:
+                    continue
             frames = [f for f, _ in mine]
             self.recent_frames[learner.name].extend([f.features for f in frames])
             notices.extend(learner.learn_many(frames, [lb.target for _, lb in mine]))
@@ -714,12 +940,16 @@ class CloudService:
                 "join": self.join,
                 "stats": self.stats,
                 "learned": self.learned,
+                "incarnations": self.incarnations,
             },
             protocol=pickle.HIGHEST_PROTOCOL,
         )
         positions = dict(self._positions)
         offsets = {f"{tp.topic}:{tp.partition}": off for tp, off in positions.items()}
+        marks = {(tp.topic, tp.partition): m for tp, m in self._marks.items()}
         dirty = self.seqs.take_dirty()
+        acks = self.seqs.take_ack_dirty() if self.config.control.acks else {}
+        applied, self._applied_log = self._applied_log, []
         agents = [self.fleet[a] for a in self._agents_dirty if a in self.fleet]
         events, self._events = self._events, []
         agents_dirty, self._agents_dirty = self._agents_dirty, set()
@@ -735,9 +965,13 @@ class CloudService:
                 dirty,
                 agents,
                 events,
+                marks,
+                applied,
             )
         except Exception:
             self.seqs.restore_dirty(dirty)
+            self.seqs.restore_ack_dirty(set(acks))
+            self._applied_log = applied + self._applied_log
             self._events = events + self._events
             self._agents_dirty |= agents_dirty
             self._since_checkpoint = 1
@@ -746,6 +980,8 @@ class CloudService:
             return False
         self.checkpoints += 1
         self.metrics.checkpoints.inc()
+        if acks:  # applied durably now: the agents may forget these batches
+            self._queue_acks(acks)
         consumer = self._consumer
         if consumer is not None and positions:
             assigned = consumer.assignment()
@@ -764,14 +1000,308 @@ class CloudService:
         for tp in revoked:
             self.seqs.forget_partition(tp.topic, tp.partition)
             self._positions.pop(tp, None)
+            self._marks.pop(tp, None)
+            self._verify.pop(tp, None)
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        loaded = await asyncio.to_thread(
-            self.registry.load_dedupe, [(tp.topic, tp.partition) for tp in assigned]
-        )
+        """Load the partitions' dedupe state and set every position, checking the log first."""
+        keys = [(tp.topic, tp.partition) for tp in assigned]
+        loaded = await asyncio.to_thread(self.registry.load_dedupe, keys)
         for key, window in loaded.items():
             self.seqs.load(key, window)
+        marks = await asyncio.to_thread(self.registry.load_marks, keys)
+        consumer = self._consumer
+        lost: dict[TopicPartition, tuple[str, str]] = {}
+        if consumer is not None and assigned:
+            tps = sorted(assigned)
+            within = self.config.kafka.request_timeout_s + 5
+            starts = await asyncio.wait_for(consumer.beginning_offsets(tps), within)
+            ends = await asyncio.wait_for(consumer.end_offsets(tps), within)
+            for tp in tps:
+                committed = await asyncio.wait_for(consumer.committed(tp), within)
+                mark = marks.get((tp.topic, tp.partition))
+                if committed is None and mark is not None:
+                    committed = mark[0] + 1  # the group's offsets are gone; the registry knows
+                begin, end = starts[tp], ends[tp]
+                if committed is None:
+                    self._seek_fresh(consumer, tp, begin, end)
+                elif committed > end:
+                    lost[tp] = (
+                        "beyond_end",
+                        f"committed offset {committed} is beyond the log end {end}",
+                    )
+                elif committed < begin:
+                    lost[tp] = (
+                        "before_start",
+                        f"committed offset {committed} is before the log start {begin} "
+                        "(retention removed records never consumed)",
+                    )
+                elif mark is not None and mark[0] == committed - 1 and mark[0] >= begin:
+                    consumer.seek(tp, mark[0])  # read the last consumed message again: same?
+                    self._verify[tp] = mark
+                    self._positions[tp] = committed
+                else:
+                    consumer.seek(tp, committed)
+                    self._positions[tp] = committed
         log.info("assigned %d partitions (%d dedupe records loaded)", len(assigned), len(loaded))
+        if lost:
+            await self._log_lost(lost)
+
+    def _seek_fresh(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, begin: int, end: int
+    ) -> None:
+        """A partition this group never consumed: start where ``auto_offset_reset`` says."""
+        at = begin if self.config.kafka.auto_offset_reset == "earliest" else end
+        consumer.seek(tp, at)
+        self._positions[tp] = at
+
+    async def _start_fresh(self, tp: TopicPartition) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        within = self.config.kafka.request_timeout_s + 5
+        begin = (await asyncio.wait_for(consumer.beginning_offsets([tp]), within))[tp]
+        end = (await asyncio.wait_for(consumer.end_offsets([tp]), within))[tp]
+        self._seek_fresh(consumer, tp, begin, end)
+
+    async def _verified(self, tp: TopicPartition, messages: list[Any]) -> list[Any] | None:
+        """The partition was resumed at its last consumed message: is it still the same one?"""
+        offset, fingerprint = self._verify.pop(tp)
+        first = messages[0]
+        if first.offset == offset and _fingerprint(first) == fingerprint:
+            return messages[1:]  # intact; that message was applied before
+        await self._log_lost(
+            {
+                tp: (
+                    "replaced",
+                    f"the message at offset {offset} is not the one consumed there "
+                    "(the topic was re-created or the broker came back with another log)",
+                )
+            }
+        )
+        return None
+
+    async def _check_log_ends(self) -> None:
+        """A log end below what was already consumed: the broker lost acknowledged records."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        lost: dict[TopicPartition, tuple[str, str]] = {}
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            pos = self._positions.get(tp)
+            if hw is not None and pos is not None and hw < pos and tp not in self._verify:
+                lost[tp] = ("end_moved_back", f"the log ends at {hw}, before offset {pos} consumed")
+        if lost:
+            await self._log_lost(lost)
+
+    async def _log_lost(self, lost: dict[TopicPartition, tuple[str, str]]) -> None:
+        """Resume each partition from what the broker still has; ask the agents to replay."""
+        consumer = self._consumer
+        if consumer is None or not lost:
+            return
+        within = self.config.kafka.request_timeout_s + 5
+        starts = await asyncio.wait_for(consumer.beginning_offsets(list(lost)), within)
+        now = now_ns()
+        for tp, (cause, detail) in lost.items():
+            begin = starts[tp]
+            consumer.seek(tp, begin)
+            self._positions[tp] = begin
+            self._marks.pop(tp, None)
+            self._verify.pop(tp, None)
+            self.metrics.log_lost.labels(tp.topic, cause).inc()
+            self.log_losses.append(
+                {
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "cause": cause,
+                    "detail": detail,
+                    "ts_ns": now,
+                    "resumed_at": begin,
+                }
+            )
+            log.error(
+                "Kafka log of %s[%d] lost: %s. Resuming from offset %d (what the broker still "
+                "has) and asking every agent to replay what it holds unconfirmed; the batches "
+                "the agents no longer hold are gone. Check the broker: restarts without "
+                "persistent storage, retention shorter than the cloud's downtime, topics "
+                "deleted and re-created",
+                tp.topic,
+                tp.partition,
+                detail,
+                begin,
+            )
+        await asyncio.to_thread(
+            self.registry.forget_marks, [(tp.topic, tp.partition) for tp in lost]
+        )
+        causes = sorted({cause for cause, _ in lost.values()})
+        where = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(lost))
+        self._request_replay(BROADCAST, f"lost log ({', '.join(causes)}) on {where}", "log_lost")
+
+    # -- the control topic: acknowledgements and replay requests -----------------------------
+
+    def _queue_acks(self, acks: dict[DedupeKey, tuple[int, str]]) -> None:
+        for (agent, inc, topic, partition), state in acks.items():
+            self._acks_pending.setdefault((agent, inc), {})[(topic, partition)] = state
+        self._control_wake.set()
+
+    def _request_replay(self, agent: str, reason: str, cause: str) -> None:
+        self._replays_pending.append((agent, reason, cause))
+        self._control_wake.set()
+
+    def _check_unconfirmed(self, hb: Heartbeat) -> None:
+        """The safety net: an agent that reports batches the cloud never confirmed is told
+        again what was applied; if that does not help while this replica is caught up, it is
+        asked to replay (whatever lost them went unnoticed by every other check)."""
+        out = hb.info.get("outbox") if isinstance(hb.info, dict) else None
+        if not isinstance(out, dict):
+            return
+        unacked, age = out.get("unacked"), out.get("unacked_age_s")
+        cc = self.config.control
+        if not isinstance(unacked, int) or not isinstance(age, int | float) or unacked <= 0:
+            return
+        if age < cc.republish_after_s:
+            return
+        now = time.monotonic()
+        agent = hb.agent_id
+        if now - self._republished.get(agent, -math.inf) >= cc.republish_after_s:
+            self._republished[agent] = now
+            state = {}
+            for key in self.seqs.keys_of(agent):
+                w = self.seqs.get(key)
+                if w is not None:
+                    state[key] = (w.floor, w.encode())
+            if state:
+                self._queue_acks(state)
+            return
+        if (
+            cc.replay_unconfirmed_after_s
+            and age >= cc.replay_unconfirmed_after_s
+            and now - self._replayed.get(agent, -math.inf) >= cc.replay_unconfirmed_after_s
+            and not any(self.ingest_lag().values())
+        ):
+            self._replayed[agent] = now
+            self._request_replay(
+                agent,
+                f"{unacked} batches unconfirmed for {age:.0f} s while the cloud is caught up",
+                "unconfirmed",
+            )
+
+    async def _control_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            await self._control_wake.wait()
+            self._control_wake.clear()
+            try:
+                await self._publish_control()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                self.metrics.control_errors.inc()
+                self.control_error = f"{type(exc).__name__}: {exc}"
+                log.warning("control topic: %s; retrying in %.1fs", self.control_error, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                self._control_wake.set()
+                continue
+            backoff = 0.2
+            self.control_error = None
+
+    async def _publish_control(self) -> None:
+        """Send the pending acknowledgements and replay requests (kept for a retry on failure)."""
+        producer = self._control_producer
+        if producer is None:
+            return
+        acks, self._acks_pending = self._acks_pending, {}
+        replays, self._replays_pending = self._replays_pending, []
+        topic = self.topics.control
+        now = now_ns()
+        try:
+            futures = []
+            for (agent, inc), parts in acks.items():
+                body = encode_applied(
+                    agent,
+                    inc,
+                    [(t, p, floor, ranges) for (t, p), (floor, ranges) in sorted(parts.items())],
+                    instance=self.config.instance,
+                    ts_ns=now,
+                )
+                futures.append(await producer.send(topic, body, key=agent.encode()))
+            for agent, reason, _cause in replays:
+                body = encode_replay(
+                    agent, reason, id=uuid.uuid4().hex, instance=self.config.instance, ts_ns=now
+                )
+                futures.append(await producer.send(topic, body, key=agent.encode()))
+            if futures:
+                within = self.config.kafka.request_timeout_s + 5
+                await asyncio.wait_for(asyncio.gather(*futures), within)
+        except BaseException:
+            for key, parts in acks.items():  # newer state queued meanwhile wins
+                pending = self._acks_pending.setdefault(key, {})
+                for k, v in parts.items():
+                    pending.setdefault(k, v)
+            self._replays_pending = replays + self._replays_pending
+            raise
+        self.acks_published += len(acks)
+        self.metrics.acks_published.inc(len(acks))
+        for agent, reason, cause in replays:
+            self.replays_requested += 1
+            self.metrics.replay_requests.labels(cause).inc()
+            log.warning(
+                "asked %s to replay: %s", "every agent" if agent == BROADCAST else agent, reason
+            )
+
+    # -- supervision and health ----------------------------------------------------------------
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A core task ended: cancelled or returned is how the loops end when asked to; an
+        exception is a death."""
+        if task.cancelled() or self._state != "started":
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.fail(f"core task {task.get_name()} died ({type(exc).__name__}: {exc})", exc)
+
+    def fail(self, reason: str, exc: BaseException | None = None) -> None:
+        """The service cannot go on as it is: ``/healthz`` says failing, ``cloud run`` exits 1."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        self.metrics.failed.set(1)
+        log.critical(
+            "%s; the service is failing and exits so that its supervisor restarts it",
+            reason,
+            exc_info=exc,
+        )
+        self.failed.set()
+
+    def health(self) -> dict[str, Any]:
+        """What ``/healthz`` answers: ok | degraded | failing, and why."""
+        reasons: list[str] = []
+        if self.failure is not None:
+            reasons.append(self.failure)
+        recent = now_ns() - 600 * 10**9
+        lost = [e for e in self.log_losses if e["ts_ns"] >= recent]
+        if lost:
+            reasons.append(
+                f"Kafka log lost on {len(lost)} partition(s) in the last 10 min "
+                f"(latest: {lost[-1]['topic']}[{lost[-1]['partition']}]: {lost[-1]['detail']}); "
+                "agents were asked to replay"
+            )
+        if self.control_error is not None:
+            reasons.append(f"control topic: {self.control_error}")
+        if self.seqs.overflows:
+            reasons.append(f"dedupe window overflowed {self.seqs.overflows} times")
+        status = "failing" if self.failure else ("degraded" if reasons else "ok")
+        if self._state not in ("started",) and not self.failure:
+            status = "stopping" if self._state == "stopping" else status
+        return {
+            "status": status,
+            "reasons": reasons,
+            "log_losses": list(self.log_losses)[-10:],
+            "acks_published": self.acks_published,
+            "replays_requested": self.replays_requested,
+            "quarantined": self.quarantined,
+            "dedupe_overflows": self.seqs.overflows,
+        }
 
     # -- metrics over time ---------------------------------------------------------------
 

@@ -37,8 +37,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from edge.config import EdgeConfigBase
+from edge.control import ControlLink
 from edge.frames import FrameBuilder
-from edge.inference import LoadedModel, ModelLoadError, ModelSlot, load_model
+from edge.inference import LoadedModel, ModelLoadError, ModelSlot, load_model, unscored
 from edge.isolation import PackedSink, ProcessConnector
 from edge.metrics import EdgeMetrics, HealthServer
 from edge.model_sync import LabelExtractor, ModelSync
@@ -51,10 +52,20 @@ from protocols.base import (
     NO_ACK,
     Connector,
     ConnectorState,
+    DeadLetter,
     DurableCallback,
     load_connector_class,
 )
-from shared.records import Frame, Heartbeat, Label, Reading, Record, now_ns
+from shared.records import (
+    Event,
+    Frame,
+    Heartbeat,
+    Label,
+    Reading,
+    Record,
+    dead_letter_event,
+    now_ns,
+)
 
 __all__ = ["Agent", "build_connector"]
 
@@ -63,6 +74,10 @@ log = logging.getLogger(__name__)
 
 #: how long a model call that raised keeps the agent "degraded" (seconds since the last failure)
 SCORE_ERROR_HOLD = 60.0
+#: how long an unexpected error inside a tick keeps the agent "degraded"
+TICK_ERROR_HOLD = 60.0
+#: sent batches the cloud has not confirmed for this long make the agent "degraded"
+UNACKED_DEGRADED_AFTER = 600.0
 
 
 def _noop(ok: bool) -> None:
@@ -111,6 +126,8 @@ class Agent:
             overflow=config.outbox.overflow,
             synchronous=config.outbox.synchronous,
             on_drop=lambda kind, n: self.metrics.outbox_dropped(kind.name.lower(), n),
+            on_release=lambda kind, n: self.metrics.outbox_released(kind.name.lower(), n),
+            on_quarantine=lambda kind: self.metrics.dead_letter("outbox"),
         )
         self.frames = FrameBuilder(config.frames)
         self.slot = ModelSlot(
@@ -120,9 +137,23 @@ class Agent:
         self.rules = RuleEngine(config.rules, on_error=self.metrics.rule_error)
         self.actions = ActionRunner(self.connectors, on_result=self.metrics.action)
         self.uplink = Uplink(config.uplink, config.agent_id, self.outbox, self.metrics)
+        self.control = (
+            ControlLink(config.uplink, config.agent_id, self.outbox, self.uplink, self.metrics)
+            if config.uplink.delete_after == "applied"
+            else None
+        )
         self.label_extractor = LabelExtractor(config.labels)
         self.model_sync = ModelSync(self, config.models) if config.models is not None else None
         self._emitted: list[Record] = []  # records from model sync, committed with the next tick
+        self._dead: list[Event] = []  # connectors' dead letters, committed with the next tick
+        self.dead_letters = 0
+        #: set when a core task died: the agent is failing and its process must exit non-zero
+        self.failure: str | None = None
+        self.failed = asyncio.Event()
+        self.tick_errors = 0
+        self._unacked_age = 0.0
+        self._last_tick_error: tuple[float, str] | None = None
+        self._logged_tick_errors: set[str] = set()
         self.labels_emitted = 0
         self.http: HealthServer | None = None
         if config.http.port is not None:
@@ -167,6 +198,7 @@ class Agent:
             await self.actions.start()
             for name, conn in self.connectors.items():
                 conn.set_sink(self._make_sink(name), acking=True)
+                conn.set_dead_letter_sink(functools.partial(self._dead_letters, name))
                 if isinstance(conn, ProcessConnector):
                     conn.set_packed_sink(
                         self._make_packed_sink(name),
@@ -176,12 +208,16 @@ class Agent:
                     conn.set_want(self._wanted_tags(name))
                 await conn.start()
             await self.uplink.start()
+            if self.control is not None:
+                await self.control.start()
             if self.http is not None:
                 await self.http.start()
             self._tasks = [
                 asyncio.create_task(self._tick_loop(), name=f"agent:{self.agent_id}:tick"),
                 asyncio.create_task(self._house_loop(), name=f"agent:{self.agent_id}:house"),
             ]
+            for task in self._core_tasks():
+                task.add_done_callback(self._task_done)
         except BaseException:
             await self.stop()
             raise
@@ -210,9 +246,8 @@ class Agent:
         self._tick_wake.set()
         for task in self._tasks[1:]:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # a task that died was reported by _task_done (the agent is failing); stop goes on
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self.model_sync is not None:
             await self.model_sync.stop()
@@ -221,6 +256,8 @@ class Agent:
                 await self._tick()  # commit what the connectors delivered before they stopped
         await self.actions.stop()
         await self.uplink.stop(flush_timeout=flush_timeout)
+        if self.control is not None:
+            await self.control.stop()
         await self.outbox.stop()
         if self.http is not None:
             await self.http.stop()
@@ -236,6 +273,56 @@ class Agent:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+    # --- supervision ----------------------------------------------------------------------
+
+    def _core_tasks(self) -> list[asyncio.Task[Any]]:
+        """The tasks without which the agent is only half alive."""
+        tasks: list[asyncio.Task[Any]] = list(self._tasks)
+        for owner in (self.uplink, self.control):
+            task = getattr(owner, "_task", None)
+            if task is not None:
+                tasks.append(task)
+        if self.model_sync is not None:
+            tasks += self.model_sync.tasks()
+        return tasks
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A core task ended: cancelled or returned is how the loops end when asked to; an
+        exception is a death."""
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.fail(f"core task {task.get_name()} died ({type(exc).__name__}: {exc})", exc)
+
+    def fail(self, reason: str, exc: BaseException | None = None) -> None:
+        """The agent cannot go on as it is: ``/healthz`` says failing, ``edge run`` exits 1."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        self.metrics.failed.set(1)
+        log.critical(
+            "%s; the agent is failing and exits so that its supervisor (systemd) restarts it",
+            reason,
+            exc_info=exc,
+        )
+        self.failed.set()
+
+    def _dead_letters(self, connector: str, letters: Sequence[DeadLetter]) -> None:
+        """A connector's dead letters: stored as events with the next tick (before any ack)."""
+        for d in letters:
+            self._dead.append(
+                dead_letter_event(
+                    origin=connector,
+                    source=d.source,
+                    reason=d.reason,
+                    payload=d.payload,
+                    ts_ns=d.ts_ns,
+                )
+            )
+        self.dead_letters += len(letters)
+        self.metrics.dead_letter(connector, len(letters))
 
     # --- model --------------------------------------------------------------------------
 
@@ -364,10 +451,27 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._tick_wake.wait(), next_at - time.monotonic())
 
+    def _tick_error(self, stage: str, exc: BaseException) -> None:
+        """An unexpected error in one stage of a tick: counted, logged once, and the tick goes
+        on without that stage's output (the readings are stored all the same)."""
+        self.tick_errors += 1
+        self.metrics.tick_error(stage)
+        what = f"{stage}: {type(exc).__name__}: {exc}"[:300]
+        self._last_tick_error = (time.monotonic(), what)
+        if what not in self._logged_tick_errors and len(self._logged_tick_errors) < 100:
+            self._logged_tick_errors.add(what)
+            log.error(
+                "tick stage %s raised; its output for this tick is skipped, the data is kept "
+                "(edgeloop_edge_tick_errors_total; report this with the traceback)",
+                stage,
+                exc_info=exc,
+            )
+
     async def _tick(self) -> None:
         queue, self._queue, self._queued = self._queue, [], 0
         waiters, self._waiters = self._carry_waiters + self._waiters, []
         self._carry_waiters = []
+        dead, self._dead = self._dead, []
         now = time.monotonic()
         readings: list[Reading] = []  # what updates asset state
         stored: list[Reading] = []  # readings the outbox encodes (from inline connectors)
@@ -385,15 +489,29 @@ class Agent:
                 n = sum(p.n for p in rows)
             per_conn[name] = per_conn.get(name, 0) + n
             if name in extract:
-                labels += self.label_extractor.extract(name, batch)
-        pending = self.frames.observe(readings, now) if readings else []
-        pending += self.frames.due(now)
+                try:
+                    labels += self.label_extractor.extract(name, batch)
+                except Exception as exc:  # noqa: BLE001 - a stage error never stops the tick
+                    self._tick_error("labels", exc)
+        try:
+            pending = self.frames.observe(readings, now) if readings else []
+            pending += self.frames.due(now)
+        except Exception as exc:  # noqa: BLE001 - a stage error never stops the tick
+            self._tick_error("frames", exc)
+            pending = []
         if self.frames.skipped != self._skipped_seen:
             self.metrics.frames_skipped.inc(self.frames.skipped - self._skipped_seen)
             self._skipped_seen = self.frames.skipped
-        frames = self.slot.score(pending)
+        try:
+            frames = self.slot.score(pending)
+        except Exception as exc:  # noqa: BLE001 - frames go out unscored
+            self._tick_error("inference", exc)
+            frames = unscored(pending)
         if self.model_sync is not None:
-            self.model_sync.observe(pending, frames, labels)
+            try:
+                self.model_sync.observe(pending, frames, labels)
+            except Exception as exc:  # noqa: BLE001 - a stage error never stops the tick
+                self._tick_error("model_sync", exc)
         for f in frames:
             self._last_frame[f.asset] = f
         firings: list[Firing] = []
@@ -403,11 +521,15 @@ class Agent:
             touched |= self.rules.watched_assets()
             ts = now_ns()
             for asset in touched:
-                firings += self.rules.evaluate(asset, self._rule_context(asset, now), now, ts)
+                try:
+                    firings += self.rules.evaluate(asset, self._rule_context(asset, now), now, ts)
+                except Exception as exc:  # noqa: BLE001 - one asset's rules, not the tick
+                    self._tick_error("rules", exc)
         events = [f.event for f in firings if f.event is not None]
         emitted, self._emitted = self._emitted, []
         records: list[Storable] = [
             *self._carry,
+            *dead,
             *stored,
             *packed,
             *frames,
@@ -427,6 +549,9 @@ class Agent:
             else:
                 self._carry_waiters = waiters  # acked once the carry is committed
             raise
+        except Exception as exc:  # noqa: BLE001 - the records are stored one by one instead
+            self._tick_error("outbox", exc)
+            await self._store_each(records)
         self._notify(waiters, True)  # durable now: connectors may acknowledge upstream
         if self._carry:  # readings of an earlier tick whose write failed are in now
             self.accepted_readings += _count_readings(self._carry)
@@ -447,7 +572,29 @@ class Agent:
         self.events_emitted += len(events)
         for firing in firings:
             self.metrics.rule(firing.rule.name, "clear" if firing.cleared else "fire")
-            self.actions.dispatch(firing)
+            try:
+                self.actions.dispatch(firing)
+            except Exception as exc:  # noqa: BLE001 - a stage error never stops the tick
+                self._tick_error("actions", exc)
+
+    async def _store_each(self, records: Sequence[Storable]) -> None:
+        """The last resort when a tick's records could not be stored together: one by one, and
+        each one that still fails as a dead letter with the reason (OutboxError propagates)."""
+        for rec in records:
+            try:
+                await self.outbox.append([rec])
+            except OutboxError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the reason travels with the dead letter
+                letter = dead_letter_event(
+                    origin="agent",
+                    source=type(rec).__name__,
+                    reason=f"could not be stored: {type(exc).__name__}: {exc}",
+                    payload=repr(rec),
+                )
+                await self.outbox.append([letter])
+                self.metrics.dead_letter("agent")
+                self.dead_letters += 1
 
     def _rule_context(self, asset: str, now: float) -> dict[str, Any]:
         st = self.frames.state(asset)
@@ -502,6 +649,14 @@ class Agent:
                     0.0 if stats.oldest_ns is None else max(0.0, (now_ns() - stats.oldest_ns) / 1e9)
                 )
                 self.metrics.outbox_age.set(age)
+                self.metrics.outbox_unacked.set(stats.unacked)
+                unacked_age = (
+                    0.0
+                    if stats.oldest_unacked_ns is None
+                    else max(0.0, (now_ns() - stats.oldest_unacked_ns) / 1e9)
+                )
+                self.metrics.outbox_unacked_age.set(unacked_age)
+                self._unacked_age = unacked_age
                 self.metrics.degraded.set(1 if self.degraded_reasons() else 0)
                 if time.monotonic() >= next_hb:
                     next_hb = time.monotonic() + hb_every
@@ -517,6 +672,13 @@ class Agent:
                             "reasons": reasons,
                             "uptime_s": round(time.monotonic() - self._started_at, 1),
                             "dropped": {k.name.lower(): v for k, v in self.outbox.dropped.items()},
+                            "outbox": {
+                                "incarnation": stats.incarnation,
+                                "low_seq": stats.low_seq,
+                                "next_seq": stats.next_seq,
+                                "unacked": stats.unacked,
+                                "unacked_age_s": round(unacked_age, 1),
+                            },
                             **(
                                 {"model_sync": self.model_sync.status()}
                                 if self.model_sync is not None
@@ -534,6 +696,17 @@ class Agent:
 
     def degraded_reasons(self) -> list[str]:
         reasons: list[str] = []
+        if self.failure is not None:
+            reasons.append(f"failing: {self.failure}")
+        if self._last_tick_error is not None:
+            at, what = self._last_tick_error
+            if time.monotonic() - at < TICK_ERROR_HOLD:
+                reasons.append(f"tick error ({what}); the data is kept")
+        if self._unacked_age > UNACKED_DEGRADED_AFTER:
+            reasons.append(
+                f"the cloud has not confirmed {self.outbox.unacked} sent batches for "
+                f"{self._unacked_age:.0f} s (they stay in the outbox until it does)"
+            )
         if self.config.model is not None and self.slot.current is None:
             reasons.append(f"model: {self.slot.error or 'not loaded'}")
         failed_at = self.slot.last_score_error_at
@@ -550,7 +723,12 @@ class Agent:
     def health(self) -> dict[str, Any]:
         reasons = self.degraded_reasons()
         m = self.slot.current
-        status = "stopping" if self._stopping else ("degraded" if reasons else "ok")
+        if self.failure is not None:
+            status = "failing"
+        elif self._stopping:
+            status = "stopping"
+        else:
+            status = "degraded" if reasons else "ok"
         return {
             "status": status,
             "agent_id": self.agent_id,
@@ -565,12 +743,23 @@ class Agent:
                 "last": self.slot.last_score_error,
             },
             "model_sync": None if self.model_sync is None else self.model_sync.status(),
+            "failure": self.failure,
             "outbox": {
                 "rows": self.outbox.records,
                 "bytes": self.outbox.nbytes,
+                "incarnation": self.outbox.incarnation,
                 "next_seq": self.outbox.next_seq,
+                "low_seq": self.outbox.low_seq,
+                "unacked_batches": self.outbox.unacked,
+                "unacked_age_s": round(self._unacked_age, 1),
                 "dropped": {k.name.lower(): v for k, v in self.outbox.dropped.items()},
+                "released": {k.name.lower(): v for k, v in self.outbox.released.items()},
+                "requeued": self.outbox.requeued,
+                "quarantined": self.outbox.quarantined,
             },
+            "control": None if self.control is None else self.control.status(),
+            "dead_letters": self.dead_letters,
+            "tick_errors": self.tick_errors,
             "uplink": {
                 "connected": self.uplink.connected,
                 "last_error": self.uplink.last_error,

@@ -22,7 +22,9 @@ from shared.config import ConfigError
 __all__ = ["JsonFormatter", "edge", "setup_logging"]
 
 
-async def run_agent(config: EdgeConfigBase, flush_timeout: float) -> None:
+async def run_agent(config: EdgeConfigBase, flush_timeout: float) -> int:
+    """Run until SIGINT/SIGTERM (exit code 0) or until a core task dies (1: the agent is
+    failing; systemd's ``Restart=on-failure`` brings it back)."""
     from edge.agent import Agent
 
     stop = asyncio.Event()
@@ -30,19 +32,31 @@ async def run_agent(config: EdgeConfigBase, flush_timeout: float) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     agent = Agent(config)
+    log = logging.getLogger("edge")
     try:
         await agent.start()
         if agent.http is not None:
-            logging.getLogger("edge").info(
-                "health and metrics on http://%s:%d", config.http.host, agent.http.port
-            )
-        await stop.wait()
-        logging.getLogger("edge").info("signal received; stopping")
+            log.info("health and metrics on http://%s:%d", config.http.host, agent.http.port)
+        waits = {
+            asyncio.create_task(stop.wait(), name="edge-run:signal"),
+            asyncio.create_task(agent.failed.wait(), name="edge-run:failure"),
+        }
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if agent.failure is not None:
+            log.critical("stopping: %s", agent.failure)
+        else:
+            log.info("signal received; stopping")
     finally:
         await agent.stop(flush_timeout=flush_timeout)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+    return 1 if agent.failure is not None else 0
 
 
 @click.group()
@@ -74,7 +88,9 @@ def run(config_path: Path, log_json: bool | None, flush_timeout: float) -> None:
         click.echo(str(exc), err=True)
         raise SystemExit(1) from None
     setup_logging(config.log.level, config.log.json_ if log_json is None else log_json)
-    asyncio.run(run_agent(config, flush_timeout))
+    code = asyncio.run(run_agent(config, flush_timeout))
+    if code:
+        raise SystemExit(code)
 
 
 @edge.command("outbox")
@@ -96,17 +112,37 @@ def outbox_cmd(config_path: Path) -> None:
         return
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
+        cols = {row[1] for row in db.execute("PRAGMA table_info(batches)")}
+        sent = "sent" if "sent" in cols else "0"
         rows = db.execute(
-            "SELECT kind, SUM(n), SUM(LENGTH(payload)), COUNT(*), MIN(seq) FROM batches "
-            "GROUP BY kind"
+            f"SELECT kind, COUNT(*), SUM(n), SUM(LENGTH(payload)), SUM({sent}), MIN(seq) "  # noqa: S608
+            "FROM batches GROUP BY kind ORDER BY kind"
         ).fetchall()
         seq = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+        has_identity = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='identity'"
+        ).fetchone()
+        inc = (
+            db.execute("SELECT value FROM identity WHERE key='incarnation'").fetchone()
+            if has_identity
+            else None
+        )
     finally:
         db.close()
     from shared.wire import Kind
 
-    click.echo(f"{path}  next batch_seq {seq[0] if seq else 1}")
-    for kind, n, nbytes, claimed in rows:
+    click.echo(
+        f"{path}  incarnation {inc[0] if inc else '(none yet)'}  "
+        f"next batch_seq {seq[0] if seq else 1}"
+    )
+    click.echo(
+        f"  {'kind':<10} {'batches':>8} {'records':>10} {'bytes':>12} {'to send':>8} "
+        f"{'unconfirmed':>11} {'oldest seq':>10}"
+    )
+    for kind, batches, n, nbytes, unconfirmed, oldest in rows:
         click.echo(
-            f"  {Kind(kind).name.lower():<10} {n:>10} rows {nbytes or 0:>12} B  {claimed} claimed"
+            f"  {Kind(kind).name.lower():<10} {batches:>8} {n or 0:>10} {nbytes or 0:>12} "
+            f"{batches - (unconfirmed or 0):>8} {unconfirmed or 0:>11} {oldest:>10}"
         )
+    if not rows:
+        click.echo("  (empty: everything was confirmed by the cloud)")

@@ -409,6 +409,12 @@ class UplinkConfig(ConfigModel):
     sasl_username: str | None = None
     sasl_password: str | None = None
     backoff: UplinkBackoff = Field(default_factory=UplinkBackoff)
+    delete_after: Literal["applied", "broker"] = Field(
+        "applied",
+        description="applied: keep a sent batch until the cloud says it applied it (the "
+        "end-to-end acknowledgement on <prefix>.control; survives a broker that loses its log); "
+        "broker: delete once the broker acked (for consumers that are not the edgeloop cloud)",
+    )
 
 
 class HttpConfig(ConfigModel):

@@ -29,6 +29,7 @@ from protocols.base import (
     NO_ACK,
     Connector,
     ConnectorError,
+    DeadLetter,
     DurableCallback,
     PointSet,
     ReadingColumns,
@@ -77,6 +78,10 @@ class Host:
             self.writer.write(encode_message(*fields))
 
     # --- readings in ---------------------------------------------------------------------
+
+    def dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Sent at once: they reach the agent before the data message that acks their source."""
+        self.send("dead", [[d.ts_ns, d.source, d.reason, d.payload, d.size] for d in letters])
 
     def sink(self, readings: Sequence[Reading], on_durable: DurableCallback) -> None:
         if self.writer.transport.get_write_buffer_size() > MAX_BUFFERED:
@@ -235,6 +240,7 @@ async def serve(fd: int) -> int:
             return 3
         host.connector = conn
         conn.set_sink(host.sink, acking=True)
+        conn.set_dead_letter_sink(host.dead_letters)
         conn.set_column_sink(host.columns)
         await conn.start()
         # what is alive now (modules, the connector's plan) lives as long as the worker: keep it

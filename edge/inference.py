@@ -30,7 +30,7 @@ from edge.frames import PendingFrame
 from shared.manifest import ManifestError, ModelManifest
 from shared.records import Frame, trusted_frame
 
-__all__ = ["LoadedModel", "ModelLoadError", "ModelSlot", "load_model"]
+__all__ = ["LoadedModel", "ModelLoadError", "ModelSlot", "load_model", "unscored"]
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class ModelSlot:
         """Turn pending frames into records, scoring all scorable ones in ONE model call."""
         model = self.current
         if model is None or not pending:
-            return [_frame(p, None, None, None) for p in pending]
+            return unscored(pending)
         names = model.features
         rows: list[int]
         try:  # the usual case: every frame has every input; one conversion for the batch
@@ -282,6 +282,11 @@ class ModelSlot:
             else:
                 out.append(_frame(p, None, None, None))
         return out
+
+
+def unscored(pending: Sequence[PendingFrame]) -> list[Frame]:
+    """The frames as records without a prediction (no model, or the scoring stage failed)."""
+    return [_frame(p, None, None, None) for p in pending]
 
 
 def _frame(

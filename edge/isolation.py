@@ -48,6 +48,7 @@ from protocols.base import (
     ConnectorError,
     ConnectorState,
     ConnectorStatus,
+    DeadLetter,
     DurableCallback,
     WriteError,
 )
@@ -286,6 +287,13 @@ class ProcessConnector(Connector[ConnectorConfig]):
                     fut.set_exception(
                         (WriteError if kind == "WriteError" else ConnectorError)(text)
                     )
+        elif what == "dead":
+            letters = [
+                DeadLetter(ts, src, why, bytes(data), size) for ts, src, why, data, size in msg[1]
+            ]
+            self._dead.ring.extend(letters)  # counted by the worker's forwarded metrics
+            if self._dead_sink is not None:
+                self._dead_sink(letters)
         elif what == "fatal":
             log.error("connector %s: worker failed: %s", self.name, msg[1])
             self._fatal = str(msg[1])
@@ -309,9 +317,13 @@ class ProcessConnector(Connector[ConnectorConfig]):
             PackedReadings(asset, source, tables[asset], n, rows) for asset, _len, n, rows in frags
         ]
         n = sum(p.n for p in packed)
-        if not n:  # nothing storable (the worker dropped what it could not encode, counted)
+        if not n:  # nothing storable (dead letters only, or values the worker could not encode)
             if acking:
-                self._send("durable", [seq], True)  # or the worker waits for it forever
+                if self._packed_sink is not None and self._dead_sink is not None:
+                    # acknowledged once the dead letters that came before it are stored
+                    self._packed_sink([], [], 0, self._durable_reply(seq))
+                else:
+                    self._send("durable", [seq], True)  # or the worker waits for it forever
             return
         self.readings_total += n
         self._m_readings.inc(n)

@@ -1,9 +1,10 @@
 """The agent's Prometheus metrics (default registry, labelled by agent) and its health endpoint.
 
 ``/metrics`` serves the default registry (so the connectors' own ``edgeloop_connector_*``
-metrics appear beside these); ``/healthz`` answers JSON with ``status`` ok | degraded and the
-reasons, HTTP 200 for both (the process is alive and working; degraded means e.g. running rules
-without a model) and 503 while stopping. A dependency-free asyncio HTTP/1.1 server: two GET
+metrics appear beside these); ``/healthz`` answers JSON with ``status`` ok | degraded | failing
+and the reasons: HTTP 200 for ok and degraded (the process is alive and working; degraded means
+e.g. running rules without a model), 503 for failing (a core task died; the process is about to
+exit so its supervisor restarts it) and while stopping. A dependency-free asyncio HTTP/1.1 server: two GET
 routes do not justify a web framework on a gateway.
 """
 
@@ -76,7 +77,45 @@ _UPLINK_ERRORS = Counter("edgeloop_edge_uplink_errors_total", "Failed send round
 _UPLINK_CONNECTED = Gauge(
     "edgeloop_edge_uplink_connected", "1 while the last send round succeeded", ["agent"]
 )
+_OUTBOX_UNACKED = Gauge(
+    "edgeloop_edge_outbox_unacked_batches",
+    "Batches the broker acked that the cloud has not yet confirmed applied",
+    ["agent"],
+)
+_OUTBOX_UNACKED_AGE = Gauge(
+    "edgeloop_edge_outbox_unacked_age_seconds",
+    "Seconds since the broker acked the oldest batch the cloud has not confirmed",
+    ["agent"],
+)
+_OUTBOX_RELEASED = Counter(
+    "edgeloop_edge_outbox_released_total",
+    "Records of sent batches released to make room before the cloud confirmed them",
+    ["agent", "kind"],
+)
+_E2E_ACKED = Counter(
+    "edgeloop_edge_applied_batches_total",
+    "Batches the cloud confirmed applied (end-to-end acknowledgement)",
+    ["agent"],
+)
+_REPLAYS = Counter(
+    "edgeloop_edge_replays_total",
+    "Sent batches queued again because their log was lost, by cause",
+    ["agent", "cause"],
+)
+_DEAD_LETTERS = Counter(
+    "edgeloop_edge_dead_letters_total",
+    "Inputs kept as dead-letter events instead of records, by who refused them",
+    ["agent", "origin"],
+)
+_TICK_ERRORS = Counter(
+    "edgeloop_edge_tick_errors_total",
+    "Unexpected errors inside a processing tick, by stage (the tick goes on)",
+    ["agent", "stage"],
+)
 _DEGRADED = Gauge("edgeloop_edge_degraded", "1 while the agent reports itself degraded", ["agent"])
+_FAILED = Gauge(
+    "edgeloop_edge_failed", "1 once a core task died: the agent exits to be restarted", ["agent"]
+)
 _MODEL_VERSION = Gauge("edgeloop_edge_model_version", "Active model version (0: none)", ["agent"])
 _MODEL_ERRORS = Counter("edgeloop_edge_model_load_errors_total", "Models refused", ["agent"])
 
@@ -97,6 +136,10 @@ class EdgeMetrics:
         self.uplink_errors = _UPLINK_ERRORS.labels(a)
         self.uplink_connected = _UPLINK_CONNECTED.labels(a)
         self.degraded = _DEGRADED.labels(a)
+        self.failed = _FAILED.labels(a)
+        self.outbox_unacked = _OUTBOX_UNACKED.labels(a)
+        self.outbox_unacked_age = _OUTBOX_UNACKED_AGE.labels(a)
+        self.applied_batches = _E2E_ACKED.labels(a)
         self.model_version = _MODEL_VERSION.labels(a)
         self.model_errors = _MODEL_ERRORS.labels(a)
         self._cache: dict[tuple[str, ...], Any] = {}
@@ -128,6 +171,18 @@ class EdgeMetrics:
 
     def outbox_dropped(self, kind: str, n: int) -> None:
         self._child(_OUTBOX_DROPPED, kind).inc(n)
+
+    def outbox_released(self, kind: str, n: int) -> None:
+        self._child(_OUTBOX_RELEASED, kind).inc(n)
+
+    def replayed(self, cause: str, n: int) -> None:
+        self._child(_REPLAYS, cause).inc(n)
+
+    def dead_letter(self, origin: str, n: int = 1) -> None:
+        self._child(_DEAD_LETTERS, origin).inc(n)
+
+    def tick_error(self, stage: str) -> None:
+        self._child(_TICK_ERRORS, stage).inc()
 
     def uplink(self, kind: str, records: int) -> None:
         self._child(_UPLINK_BATCHES, kind).inc()
@@ -176,7 +231,8 @@ class HealthServer:
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest()
             elif path in (b"/healthz", b"/health"):
                 doc = self._health()
-                code = "503 Service Unavailable" if doc.get("status") == "stopping" else "200 OK"
+                bad = doc.get("status") in ("stopping", "failing")
+                code = "503 Service Unavailable" if bad else "200 OK"
                 status, ctype, body = code, "application/json", json.dumps(doc).encode()
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"try /metrics or /healthz\n"

@@ -353,6 +353,10 @@ class ModelSync:
             asyncio.create_task(self._work(), name=f"model-sync:{self.agent.agent_id}:work"),
         ]
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The running tasks (the agent watches them: one that dies fails the agent)."""
+        return list(self._tasks)
+
     async def stop(self) -> None:
         if not self._started:
             return

@@ -17,7 +17,6 @@ fragments of different sources never share a batch.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +25,12 @@ import msgpack
 
 from protocols.base import PointSet, ReadingColumns
 from shared.records import Quality, Reading
-from shared.wire import MAGIC, SCHEMA_VERSION, Kind, pack_default
+from shared.wire import Kind, batch_header, pack_default
 
 __all__ = ["READING_HEADER", "PackedReadings", "RowPacker", "array_header", "seal_packed"]
 
 #: the wire header of a reading batch (shared with the outbox's own reading encoder)
-READING_HEADER = struct.pack("!2sBB", MAGIC, SCHEMA_VERSION, int(Kind.READING))
+READING_HEADER = batch_header(Kind.READING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +51,7 @@ class PackedReadings:
         """The readings these rows hold (decoded through the wire codec, fully checked)."""
         from shared.wire import decode_batch
 
-        return list(decode_batch(seal_packed("-", 0, 0, [self])).records)  # type: ignore[arg-type]
+        return list(decode_batch(seal_packed("-", "", 0, 0, [self])).records)  # type: ignore[arg-type]
 
 
 def array_header(n: int) -> bytes:
@@ -71,15 +70,17 @@ def _strip_array_header(blob: bytes) -> bytes:
     return blob[3:] if first == 0xDC else blob[5:]
 
 
-def seal_packed(agent_id: str, seq: int, created_ns: int, chunk: Sequence[PackedReadings]) -> bytes:
+def seal_packed(
+    agent_id: str, incarnation: str, seq: int, created_ns: int, chunk: Sequence[PackedReadings]
+) -> bytes:
     """One wire reading batch from fragments of one source and asset (byte concatenation)."""
     table = max((p.table for p in chunk), key=len)
     n = sum(p.n for p in chunk)
-    head = msgpack.packb([agent_id, seq, created_ns, list(table)], use_bin_type=True)
+    head = msgpack.packb([agent_id, incarnation, seq, created_ns, list(table)], use_bin_type=True)
     return b"".join(
         (
             READING_HEADER,
-            b"\x95",  # the 5-element body: the 4 packed above, then the rows
+            b"\x96",  # the 6-element body: the 5 packed above, then the rows
             _strip_array_header(head),
             array_header(n),
             *(p.rows for p in chunk),

@@ -1,14 +1,21 @@
 """The uplink: outbox -> Kafka, at least once, with numbered batches the cloud deduplicates.
 
-Each round takes up to ``max_in_flight`` of the oldest batches from the outbox (sealed,
-numbered and encoded when they were appended, so a resend is byte for byte the same), sends
-them (key = asset, topic per kind) with ``acks="all"``, waits for every ack, and
-deletes exactly the acknowledged batches from the outbox. A failed round closes the producer and
-tries again after a capped exponential backoff (``initial`` doubling to ``max``, forever): the
-cloud being away for hours costs outbox space, never data, until the overflow policy says so.
+Each round takes up to ``max_in_flight`` of the oldest batches still to send from the outbox
+(sealed, numbered and encoded when they were appended, so a resend is byte for byte the same),
+sends them (key = asset, topic per kind) with ``acks="all"``, waits for every ack, and records
+in the outbox where the broker put each one (partition and offset). The batches stay in the
+outbox until the cloud says it has applied them (:mod:`edge.control`, the end-to-end
+acknowledgement), unless ``delete_after: broker`` asks for the old contract (deleted at the
+broker's ack: for consumers that are not the edgeloop cloud). A failed round closes the producer
+and tries again after a capped exponential backoff (``initial`` doubling to ``max``, forever):
+the cloud being away for hours costs outbox space, never data, until the overflow policy says so.
+
+Every message carries the header ``el-low``: the lowest ``batch_seq`` the outbox still holds.
+Nothing below it will ever be sent again by this incarnation, which lets the cloud keep its
+dedupe state exact (docs/reliability.md).
 
 The idempotent producer is off on purpose: the embedded Tansu broker rejects it, and the
-``(agent_id, batch_seq)`` pair already makes redelivery harmless downstream.
+``(agent_id, incarnation, batch_seq)`` identity already makes redelivery harmless downstream.
 """
 
 from __future__ import annotations
@@ -25,29 +32,24 @@ from aiokafka import AIOKafkaProducer
 
 from edge.config import UplinkConfig
 from edge.metrics import EdgeMetrics
-from edge.outbox import ClaimedBatch, Outbox
+from edge.outbox import ClaimedBatch, Outbox, SentBatch
 from shared.topics import Topics
 
-__all__ = ["Uplink"]
+__all__ = ["LOW_HEADER", "Uplink", "consumer_kwargs", "producer_kwargs"]
+
+#: the Kafka header naming the lowest batch_seq the sending outbox still holds
+LOW_HEADER = "el-low"
 
 log = logging.getLogger(__name__)
 
 
-def producer_kwargs(cfg: UplinkConfig) -> dict[str, Any]:
-    """aiokafka producer settings from the config (TLS/SASL passed through)."""
+def _client_kwargs(cfg: UplinkConfig) -> dict[str, Any]:
+    """aiokafka bootstrap and security settings from the config (TLS/SASL passed through)."""
     kw: dict[str, Any] = {
         "bootstrap_servers": cfg.bootstrap_servers,
-        "acks": "all",
-        "enable_idempotence": False,
-        "linger_ms": cfg.linger_ms,
         "request_timeout_ms": cfg.request_timeout_ms,
-        "max_request_size": 8 * 1024 * 1024,
-        "max_batch_size": 1024 * 1024,
-        "retry_backoff_ms": 100,
         "security_protocol": cfg.security_protocol,
     }
-    if cfg.compression != "none":
-        kw["compression_type"] = cfg.compression
     if cfg.security_protocol in ("SSL", "SASL_SSL"):
         ctx = ssl.create_default_context(cafile=str(cfg.ssl_cafile) if cfg.ssl_cafile else None)
         if cfg.ssl_certfile:
@@ -59,6 +61,29 @@ def producer_kwargs(cfg: UplinkConfig) -> dict[str, Any]:
         kw["sasl_mechanism"] = cfg.sasl_mechanism
         kw["sasl_plain_username"] = cfg.sasl_username
         kw["sasl_plain_password"] = cfg.sasl_password
+    return kw
+
+
+def producer_kwargs(cfg: UplinkConfig) -> dict[str, Any]:
+    """aiokafka producer settings from the config."""
+    kw = _client_kwargs(cfg)
+    kw.update(
+        acks="all",
+        enable_idempotence=False,
+        linger_ms=cfg.linger_ms,
+        max_request_size=8 * 1024 * 1024,
+        max_batch_size=1024 * 1024,
+        retry_backoff_ms=100,
+    )
+    if cfg.compression != "none":
+        kw["compression_type"] = cfg.compression
+    return kw
+
+
+def consumer_kwargs(cfg: UplinkConfig) -> dict[str, Any]:
+    """aiokafka settings for the agent's group-less consumers of the cloud's topics."""
+    kw = _client_kwargs(cfg)
+    kw.update(group_id=None, enable_auto_commit=False, metadata_max_age_ms=5000)
     return kw
 
 
@@ -162,24 +187,33 @@ class Uplink:
                     await asyncio.wait_for(self._wake.wait(), 0.5)
 
     async def _round(self) -> int:
-        batches = await self.outbox.claim(after_seq=0, max_batches=self.cfg.max_in_flight)
+        batches = await self.outbox.claim(max_batches=self.cfg.max_in_flight)
         if not batches:
             return 0
         producer = await self._ensure_producer()
+        low = self.outbox.low_seq
+        headers = [(LOW_HEADER, str(low if low is not None else batches[0].seq).encode())]
         futures = []
         for b in batches:
             fut = await producer.send(
-                self.topics.for_kind(b.kind), value=b.payload, key=b.asset.encode()
+                self.topics.for_kind(b.kind), value=b.payload, key=b.asset.encode(), headers=headers
             )
             futures.append(fut)
         timeout = self.cfg.request_timeout_ms / 1000 * 2 + 5
         results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
-        ok: list[ClaimedBatch] = [
-            b for b, r in zip(batches, results, strict=True) if not isinstance(r, BaseException)
+        ok: list[tuple[ClaimedBatch, Any]] = [
+            (b, r)
+            for b, r in zip(batches, results, strict=True)
+            if not isinstance(r, BaseException)
         ]
         if ok:
-            await self.outbox.ack([b.seq for b in ok])
-            for b in ok:
+            if self.cfg.delete_after == "broker":
+                await self.outbox.ack([b.seq for b, _ in ok])
+            else:
+                await self.outbox.mark_sent(
+                    [SentBatch(b.seq, b.kind, md.partition, md.offset) for b, md in ok]
+                )
+            for b, _ in ok:
                 self.metrics.uplink(b.kind.name.lower(), b.n)
                 self.acked_records += b.n
             self.acked_batches += len(ok)

@@ -37,23 +37,30 @@ Third-party connectors register under the ``edgeloop.connectors`` entry-point gr
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
+import logging
 import random
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib.metadata import entry_points
+from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
+from typing import IO, Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from prometheus_client import Counter, Gauge
 from pydantic import Field
 
 from shared.config import ConfigModel
-from shared.records import Reading, Value, trusted_reading
+from shared.records import TS_MAX, Reading, Value, trusted_reading
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "NO_ACK",
@@ -66,10 +73,14 @@ __all__ = [
     "ConnectorError",
     "ConnectorState",
     "ConnectorStatus",
+    "DeadLetter",
+    "DeadLetterConfig",
+    "DeadLetterSink",
     "DurableCallback",
     "PointSet",
     "ReadingColumns",
     "ReadingSink",
+    "TimestampBounds",
     "WriteError",
     "available_connectors",
     "load_connector_class",
@@ -208,6 +219,117 @@ class Backoff:
         return max(delay, 0.0)
 
 
+class DeadLetterConfig(ConfigModel):
+    """Where inputs that produced no reading are kept with their reason (besides the agent's
+    outbox, which stores each as a dead-letter event before an acknowledging source is acked)."""
+
+    size: int = Field(1000, ge=1, description="Kept in memory (oldest dropped first)")
+    path: Path | None = Field(None, description="Also append each one as a JSON line here")
+    max_payload_bytes: int = Field(4096, ge=0, description="Payload bytes kept per input")
+    max_file_bytes: int = Field(
+        10_000_000, ge=1024, description="Rotate the file to <path>.1 beyond this size"
+    )
+
+
+class TimestampBounds(ConfigModel):
+    """How far a timestamp taken from the source may lie from the gateway's clock. A reading
+    outside is a dead letter (a device clock set to 9999-12-31 must not poison the stream)."""
+
+    max_future: float = Field(
+        86_400.0, gt=0, description="seconds a source timestamp may be ahead of the gateway"
+    )
+    max_past: float = Field(
+        3650 * 86_400.0,
+        gt=0,
+        description="seconds a source timestamp may be behind it (10 years: a clock reset to "
+        "1970 or 2000 is caught, a backfill of old history is not)",
+    )
+
+    def problem(self, ts_ns: int, now_ns: int) -> str | None:
+        """Why ``ts_ns`` is refused, or None when it is acceptable."""
+        if not 0 <= ts_ns <= TS_MAX:
+            return f"timestamp {ts_ns} ns is outside 1970..2262 (64-bit nanoseconds)"
+        ahead = (ts_ns - now_ns) / 1e9
+        if ahead > self.max_future:
+            return (
+                f"timestamp is {ahead:,.0f} s ahead of the gateway clock "
+                f"(timestamps.max_future: {self.max_future:g} s); fix the device clock or raise "
+                "the bound"
+            )
+        if -ahead > self.max_past:
+            return (
+                f"timestamp is {-ahead:,.0f} s behind the gateway clock "
+                f"(timestamps.max_past: {self.max_past:g} s); fix the device clock or raise "
+                "the bound"
+            )
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An input that produced no reading, and why."""
+
+    ts_ns: int
+    source: str  # where it came from: an MQTT topic, an OPC UA node, a Modbus block
+    reason: str
+    payload: bytes  # truncated to dead_letter.max_payload_bytes
+    size: int  # original payload length
+
+    def to_json(self) -> dict[str, Any]:
+        try:
+            text: str | None = self.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        out: dict[str, Any] = {"ts_ns": self.ts_ns, "source": self.source, "reason": self.reason}
+        if text is not None:
+            out["payload"] = text
+        else:
+            out["payload_b64"] = base64.b64encode(self.payload).decode()
+        out["size"] = self.size
+        return out
+
+
+#: receives each dead letter as it happens (the agent stores it durably with the next tick)
+DeadLetterSink = Callable[[Sequence[DeadLetter]], None]
+
+
+class _DeadLetterStore:
+    def __init__(self, config: DeadLetterConfig) -> None:
+        self.config = config
+        self.ring: deque[DeadLetter] = deque(maxlen=config.size)
+        self._file: IO[str] | None = None
+        self._file_bytes = 0
+
+    def add(self, source: str, payload: bytes, reason: str) -> DeadLetter:
+        cap = self.config.max_payload_bytes
+        item = DeadLetter(time.time_ns(), source, reason, payload[:cap], len(payload))
+        self.ring.append(item)
+        path = self.config.path
+        if path is None:
+            return item
+        try:
+            if self._file is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+                self._file_bytes = path.stat().st_size
+            line = json.dumps(item.to_json(), separators=(",", ":")) + "\n"
+            self._file.write(line)
+            self._file.flush()
+            self._file_bytes += len(line)
+            if self._file_bytes > self.config.max_file_bytes:
+                self._file.close()
+                self._file = None
+                path.replace(path.with_name(path.name + ".1"))
+        except OSError as exc:
+            log.warning("dead-letter file %s: %s (kept in memory only)", path, exc)
+        return item
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class ConnectorConfig(ConfigModel):
     """Fields every connector config has.
 
@@ -225,6 +347,8 @@ class ConnectorConfig(ConfigModel):
         description="inline: run on the agent's event loop; process: run in a worker process "
         "of its own that hands the agent readings already encoded (uses a second core)",
     )
+    dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
+    timestamps: TimestampBounds = Field(default_factory=TimestampBounds)
 
 
 C = TypeVar("C", bound=ConnectorConfig)
@@ -252,6 +376,8 @@ class Connector(ABC, Generic[C]):
         self._sink: ReadingSink | None = None
         self._acking_sink: AckingSink | None = None
         self._column_sink: ColumnSink | None = None
+        self._dead_sink: DeadLetterSink | None = None
+        self._dead = _DeadLetterStore(config.dead_letter)
         self._queue: asyncio.Queue[list[Reading]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._status = ConnectorStatus(ConnectorState.STOPPED)
@@ -289,6 +415,29 @@ class Connector(ABC, Generic[C]):
         """
         self._column_sink = sink
 
+    def set_dead_letter_sink(self, sink: DeadLetterSink | None) -> None:
+        """Hand every dead letter to ``sink`` as it happens (the agent stores it durably).
+
+        With such a sink, an acknowledging connector's ack of a message that produced only dead
+        letters also waits for the acking sink's ``on_durable`` (the dead letter is stored first).
+        """
+        self._dead_sink = sink
+
+    @property
+    def dead_letters(self) -> list[DeadLetter]:
+        """The most recent inputs that produced no reading, with their reasons (oldest first)."""
+        return list(self._dead.ring)
+
+    def _dead_letter(self, source: str, payload: bytes, reason: str) -> None:
+        """Count an input that produced no reading, keep it with its reason, pass it on."""
+        self._malformed(reason)
+        item = self._dead.add(source, payload, reason)
+        if self._dead_sink is not None:
+            try:
+                self._dead_sink([item])
+            except Exception:
+                log.exception("connector %r: the dead-letter sink raised", self.name)
+
     def _plain_to_acking(self, readings: Sequence[Reading]) -> None:
         assert self._acking_sink is not None
         self._acking_sink(readings, _durable_noop)
@@ -314,6 +463,7 @@ class Connector(ABC, Generic[C]):
         if not self._closed:
             self._closed = True
             await self._close()
+            self._dead.close()
         self._m_connected.set(0)
         self._set_status(ConnectorState.STOPPED)
 
@@ -395,7 +545,11 @@ class Connector(ABC, Generic[C]):
         """
         if not readings:
             if on_durable is not None:
-                on_durable(True)
+                if self._acking_sink is not None and self._dead_sink is not None:
+                    # only dead letters came of it: acknowledge once they are stored
+                    self._acking_sink(readings, on_durable)
+                else:
+                    on_durable(True)
             return
         n = len(readings)
         self.readings_total += n

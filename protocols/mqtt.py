@@ -26,7 +26,6 @@ doubling to 30 s with 10 % jitter by default); paho's own reconnect machinery is
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import json
@@ -35,11 +34,10 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -50,7 +48,15 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from protocols.base import Connector, ConnectorConfig, ConnectorError, ConnectorState, WriteError
+from protocols.base import (
+    Connector,
+    ConnectorConfig,
+    ConnectorError,
+    ConnectorState,
+    DeadLetter,
+    DeadLetterConfig,
+    WriteError,
+)
 from protocols.mqtt_payload import (
     JsonParser,
     NameTemplate,
@@ -226,17 +232,6 @@ class TlsConfig(ConfigModel):
         return self
 
 
-class DeadLetterConfig(ConfigModel):
-    """Where malformed messages are kept with their reason."""
-
-    size: int = Field(1000, ge=1, description="Messages kept in memory (oldest dropped first)")
-    path: Path | None = Field(None, description="Also append each one as a JSON line here")
-    max_payload_bytes: int = Field(4096, ge=0, description="Payload bytes kept per message")
-    max_file_bytes: int = Field(
-        10_000_000, ge=1024, description="Rotate the file to <path>.1 beyond this size"
-    )
-
-
 class CommandConfig(ConfigModel):
     """How ``write(tag, value)`` publishes: a topic template such as
     ``plant/{line}/{asset}/{tag}/set``. Fields come from ``fields`` (static), the tag, and the
@@ -306,7 +301,6 @@ class MqttConfig(ConnectorConfig):
     )
     subscriptions: list[Subscription] = Field(..., min_length=1)
     commands: CommandConfig | None = None
-    dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     max_batch: int = Field(5000, ge=1, description="Flush to the sink at this many readings")
 
     @field_validator("url")
@@ -654,69 +648,6 @@ def connect_properties(config: MqttConfig) -> Properties | None:
     return props
 
 
-# --- dead letters ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message that produced no reading, and why."""
-
-    ts_ns: int
-    topic: str
-    reason: str
-    payload: bytes  # truncated to dead_letter.max_payload_bytes
-    size: int  # original payload length
-
-    def to_json(self) -> dict[str, Any]:
-        try:
-            text: str | None = self.payload.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        out: dict[str, Any] = {"ts_ns": self.ts_ns, "topic": self.topic, "reason": self.reason}
-        if text is not None:
-            out["payload"] = text
-        else:
-            out["payload_b64"] = base64.b64encode(self.payload).decode()
-        out["size"] = self.size
-        return out
-
-
-class _DeadLetterStore:
-    def __init__(self, config: DeadLetterConfig) -> None:
-        self.config = config
-        self.ring: deque[DeadLetter] = deque(maxlen=config.size)
-        self._file: IO[str] | None = None
-        self._file_bytes = 0
-
-    def add(self, topic: str, payload: bytes, reason: str) -> None:
-        cap = self.config.max_payload_bytes
-        item = DeadLetter(time.time_ns(), topic, reason, payload[:cap], len(payload))
-        self.ring.append(item)
-        path = self.config.path
-        if path is None:
-            return
-        try:
-            if self._file is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
-                self._file_bytes = path.stat().st_size
-            line = json.dumps(item.to_json(), separators=(",", ":")) + "\n"
-            self._file.write(line)
-            self._file.flush()
-            self._file_bytes += len(line)
-            if self._file_bytes > self.config.max_file_bytes:
-                self._file.close()
-                self._file = None
-                path.replace(path.with_name(path.name + ".1"))
-        except OSError as exc:
-            log.warning("dead-letter file %s: %s (kept in memory only)", path, exc)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
 # --- the connector --------------------------------------------------------------------------
 
 
@@ -758,7 +689,6 @@ class MqttConnector(Connector[MqttConfig]):
         self._pending: list[Reading] = []
         self._acks: list[tuple[int, int]] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._dead = _DeadLetterStore(config.dead_letter)
         self.messages_total = 0
         self.acked_total = 0  # QoS 1/2 messages acknowledged (after they were durable)
         self.refusals = 0  # batches refused downstream (not acked, redelivered)
@@ -771,11 +701,6 @@ class MqttConnector(Connector[MqttConfig]):
         if isinstance(p, TextPayload):
             return TextParser().parse
         return NumberParser().parse
-
-    @property
-    def dead_letters(self) -> list[DeadLetter]:
-        """The most recent malformed messages with their reasons (oldest first)."""
-        return list(self._dead.ring)
 
     @property
     def session_present(self) -> bool:
@@ -836,7 +761,6 @@ class MqttConnector(Connector[MqttConfig]):
         if link is not None:
             self._flush()
             await link.close(graceful=True)
-        self._dead.close()
 
     # --- messages -------------------------------------------------------------------------
 
@@ -873,13 +797,19 @@ class MqttConnector(Connector[MqttConfig]):
             route = self._route(topic)
             if isinstance(route, str):
                 raise PayloadError(route)
-            samples = route.parse(payload, time.time_ns())
+            now = time.time_ns()
+            samples = route.parse(payload, now)
+            bounds = self.config.timestamps
+            for sample in samples:
+                ts = sample[2]
+                if ts != now and (problem := bounds.problem(ts, now)) is not None:
+                    raise PayloadError(problem)
             asset = route.asset
-            pending = self._pending
+            out: list[Reading] = []
             if route.tag is not None:
                 tag = route.tag
                 for _, value, ts, quality, status in samples:
-                    pending.append(Reading(asset, tag, ts, value, quality, status))
+                    out.append(Reading(asset, tag, ts, value, quality, status))
             else:
                 tags = route.tags
                 assert tags is not None
@@ -889,7 +819,8 @@ class MqttConnector(Connector[MqttConfig]):
                         name = tags[field] = route.tag_template.format(
                             {**route.fields, "field": field}
                         )
-                    pending.append(Reading(asset, name, ts, value, quality, status))
+                    out.append(Reading(asset, name, ts, value, quality, status))
+            self._pending += out  # all of the message or none of it
         except (PayloadError, ValueError, KeyError) as exc:
             self._reject(topic, payload, str(exc))
         except Exception as exc:  # noqa: BLE001 - one bad message must never stop the link
@@ -902,8 +833,7 @@ class MqttConnector(Connector[MqttConfig]):
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _reject(self, topic: str, payload: bytes, reason: str) -> None:
-        self._malformed(reason)
-        self._dead.add(topic, payload, reason)
+        self._dead_letter(topic, payload, reason)
 
     def _flush(self) -> None:
         """Hand the pending batch to the sink; acknowledge its QoS 1/2 messages once durable.
@@ -922,7 +852,8 @@ class MqttConnector(Connector[MqttConfig]):
         on_durable = functools.partial(self._durable, acks, link, conn) if acks else None
         if not batch:
             if on_durable is not None:
-                on_durable(True)  # only malformed messages: dead-lettered, nothing to keep
+                # only malformed messages: acknowledged once their dead letters are stored
+                self._emit(batch, on_durable)
             return
         try:
             self._emit(batch, on_durable)

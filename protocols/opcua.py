@@ -658,10 +658,18 @@ class OpcUaConnector(Connector[OpcUaConfig]):
         except Unrepresentable as exc:
             self._malformed(f"{p.cfg.asset}/{p.cfg.tag}: {exc}")
             return None
+        ts = _ts_ns(dv.SourceTimestamp) or _ts_ns(dv.ServerTimestamp) or now
+        if ts != now and (problem := self.config.timestamps.problem(ts, now)) is not None:
+            source = dv.SourceTimestamp if _ts_ns(dv.SourceTimestamp) else dv.ServerTimestamp
+            self._dead_letter(
+                f"{p.cfg.node} ({p.cfg.asset}/{p.cfg.tag})",
+                f"value={value!r} status=0x{status:08X} timestamp={source}".encode(),
+                problem,
+            )
+            return None
         if not _passes_deadband(p, value, quality):
             return None
         p.seen, p.last_value, p.last_quality = True, value, quality
-        ts = _ts_ns(dv.SourceTimestamp) or _ts_ns(dv.ServerTimestamp) or now
         return Reading(p.cfg.asset, p.cfg.tag, ts, value, quality, status)
 
     def _on_datachange(self, items: Sequence[ua.MonitoredItemNotification]) -> None:

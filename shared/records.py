@@ -15,6 +15,10 @@ from enum import IntEnum
 from typing import Any, TypeAlias
 
 __all__ = [
+    "DEAD_LETTER_RULE",
+    "TS_MAX",
+    "WIRE_INT_MAX",
+    "WIRE_INT_MIN",
     "Event",
     "Frame",
     "Heartbeat",
@@ -25,6 +29,7 @@ __all__ = [
     "RecordError",
     "Severity",
     "Value",
+    "dead_letter_event",
     "now_ns",
     "slot_setters",
     "trusted_frame",
@@ -63,10 +68,24 @@ def _need_str(record: str, name: str, value: object) -> None:
         raise RecordError(f"{record}.{name}: expected a non-empty string, got {value!r}")
 
 
+#: timestamps are signed 64-bit nanoseconds on the wire: 1970-01-01 up to 2262-04-11
+TS_MAX = 2**63 - 1
+#: the integers a record field carries as a plain wire integer (msgpack int64 / uint64)
+WIRE_INT_MIN, WIRE_INT_MAX = -(2**63), 2**64 - 1
+
+
 def _need_ts(record: str, name: str, value: object) -> None:
-    if type(value) is not int or value < 0:
+    if type(value) is not int or not 0 <= value <= TS_MAX:
         raise RecordError(
-            f"{record}.{name}: expected integer nanoseconds since the epoch (>= 0), got {value!r}"
+            f"{record}.{name}: expected integer nanoseconds since the epoch, 0 to {TS_MAX} "
+            f"(2262-04-11), got {value!r}"
+        )
+
+
+def _need_wire_int(record: str, name: str, value: object) -> None:
+    if type(value) is not int or not WIRE_INT_MIN <= value <= WIRE_INT_MAX:
+        raise RecordError(
+            f"{record}.{name}: expected an integer within the 64-bit range, got {value!r}"
         )
 
 
@@ -78,17 +97,19 @@ def _need_value(record: str, name: str, value: object) -> None:
 
 
 _NUMBER_TYPES = frozenset((int, float))
+_FLOAT = frozenset((float,))
 
 
 def _need_number_map(record: str, name: str, value: object) -> None:
     # fast path for the common case (every value a plain float or int, every key a str);
     # the slow path below names the offending entry
-    if (
-        type(value) is dict
-        and {type(v) for v in value.values()} <= _NUMBER_TYPES
-        and {type(k) for k in value} <= {str}
-    ):
-        return
+    if type(value) is dict and {type(k) for k in value} <= {str}:
+        types = {type(v) for v in value.values()}
+        if types <= _FLOAT or (
+            types <= _NUMBER_TYPES
+            and all(WIRE_INT_MIN <= v <= WIRE_INT_MAX for v in value.values() if type(v) is int)
+        ):
+            return
     if not isinstance(value, dict):
         raise RecordError(f"{record}.{name}: expected a mapping of name to number, got {value!r}")
     for key, item in value.items():
@@ -96,6 +117,10 @@ def _need_number_map(record: str, name: str, value: object) -> None:
             raise RecordError(f"{record}.{name}: keys must be strings, got {key!r}")
         if isinstance(item, bool) or not isinstance(item, int | float):
             raise RecordError(f"{record}.{name}[{key!r}]: expected a number, got {item!r}")
+        if type(item) is int and not WIRE_INT_MIN <= item <= WIRE_INT_MAX:
+            raise RecordError(
+                f"{record}.{name}[{key!r}]: an integer beyond the 64-bit range, got {item!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +152,7 @@ class Reading:
                     f"Reading.quality: expected 0 (good), 1 (uncertain) or 2 (bad), "
                     f"got {self.quality!r}"
                 ) from None
-        if type(self.status) is not int:
-            raise RecordError(f"Reading.status: expected an integer, got {self.status!r}")
+        _need_wire_int("Reading", "status", self.status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +179,14 @@ class Frame:
         _need_number_map("Frame", "features", self.features)
         for name in ("prediction", "score"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            if v is not None and (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or (type(v) is int and not WIRE_INT_MIN <= v <= WIRE_INT_MAX)
+            ):
                 raise RecordError(f"Frame.{name}: expected a number or None, got {v!r}")
-        if self.model_version is not None and type(self.model_version) is not int:
-            raise RecordError(
-                f"Frame.model_version: expected an integer or None, got {self.model_version!r}"
-            )
+        if self.model_version is not None:
+            _need_wire_int("Frame", "model_version", self.model_version)
         if not isinstance(self.marks, tuple):
             object.__setattr__(self, "marks", tuple(self.marks))
 
@@ -208,9 +234,11 @@ class Label:
         _need_str("Label", "key", self.key)
         _need_ts("Label", "ts_ns", self.ts_ns)
         if not isinstance(self.target, bool | int | float) or (
-            isinstance(self.target, float) and math.isnan(self.target)
+            isinstance(self.target, float) and not math.isfinite(self.target)
         ):
-            raise RecordError(f"Label.target: expected a number or bool, got {self.target!r}")
+            raise RecordError(
+                f"Label.target: expected a finite number or bool, got {self.target!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,8 +265,10 @@ class Heartbeat:
             )
         for name in ("outbox_depth", "outbox_bytes"):
             v = getattr(self, name)
-            if type(v) is not int or v < 0:
+            if type(v) is not int or not 0 <= v <= WIRE_INT_MAX:
                 raise RecordError(f"Heartbeat.{name}: expected an integer >= 0, got {v!r}")
+        if not all(v <= WIRE_INT_MAX for v in self.models.values()):
+            raise RecordError(f"Heartbeat.models: a version beyond 64 bits: {self.models!r}")
 
 
 Record: TypeAlias = Reading | Frame | Event | Label | Heartbeat
@@ -297,3 +327,48 @@ def trusted_frame(
     s_score(f, score)
     s_marks(f, marks)
     return f
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+#: the rule name of the events that carry dead letters: input a tier could not take as records
+DEAD_LETTER_RULE = "edgeloop.dead_letter"
+#: how much of a dead letter's original input travels with it
+DEAD_LETTER_PAYLOAD_MAX = 2048
+
+
+def dead_letter_event(
+    *,
+    origin: str,
+    source: str,
+    reason: str,
+    payload: bytes | str | None = None,
+    ts_ns: int | None = None,
+) -> Event:
+    """An :class:`Event` that keeps what could not be taken and why, so it is stored, shipped
+    and counted like any event instead of vanishing (rule :data:`DEAD_LETTER_RULE`).
+
+    ``origin`` says who refused it (a connector's name, ``outbox``, ``agent``, ``cloud``),
+    ``source`` where it came from (an MQTT topic, an OPC UA node, a record kind). The payload is
+    kept as text when it is UTF-8, else base64, truncated to :data:`DEAD_LETTER_PAYLOAD_MAX`.
+    """
+    import base64
+
+    values: dict[str, Any] = {"origin": origin, "source": source}
+    if payload is not None:
+        raw = payload.encode("utf-8", "replace") if isinstance(payload, str) else bytes(payload)
+        values["size"] = len(raw)
+        cut = raw[:DEAD_LETTER_PAYLOAD_MAX]
+        try:
+            values["payload"] = cut.decode("utf-8")
+        except UnicodeDecodeError:
+            values["payload_b64"] = base64.b64encode(cut).decode("ascii")
+        values["truncated"] = len(raw) > DEAD_LETTER_PAYLOAD_MAX
+    return Event(
+        DEAD_LETTER_RULE,
+        origin or "unknown",
+        now_ns() if ts_ns is None or not 0 <= ts_ns <= TS_MAX else ts_ns,
+        Severity.WARNING,
+        reason[:1000] or "no reason given",
+        values,
+    )

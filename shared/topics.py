@@ -1,8 +1,10 @@
 """Kafka topic names, all under one configurable prefix.
 
 Uplink topics carry encoded batches keyed by asset (per-asset order); ``models`` is keyed by
-model name and meant to be compacted (the latest manifest per model). Where the broker does not
-compact (the embedded Tansu build), readers keep the latest value per key themselves.
+model name and meant to be compacted (the latest manifest per model). ``control`` carries the
+cloud's end-to-end acknowledgements and replay requests to the agents (:mod:`shared.control`),
+keyed by agent id. Where the broker does not compact (the embedded Tansu build), readers keep
+the latest value per key themselves.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ class Topics:
     def models(self) -> str:
         return self._name("models")
 
+    @property
+    def control(self) -> str:
+        return self._name("control")
+
     def for_kind(self, kind: Kind) -> str:
         """The uplink topic a batch of this kind goes to."""
         return {
@@ -66,9 +72,16 @@ class Topics:
             Kind.HEARTBEAT: self.agents,
         }[Kind(kind)]
 
+    def kind_of(self, topic: str) -> Kind | None:
+        """The record kind an uplink topic carries (None for any other topic)."""
+        for kind in Kind:
+            if self.for_kind(kind) == topic:
+                return kind
+        return None
+
     def uplink(self) -> tuple[str, ...]:
         """Every topic an edge agent produces to and the cloud ingests from."""
         return (self.telemetry, self.frames, self.events, self.labels, self.agents)
 
     def all(self) -> tuple[str, ...]:
-        return (*self.uplink(), self.models)
+        return (*self.uplink(), self.models, self.control)

@@ -57,7 +57,7 @@ labels = st.builds(
     asset=names,
     key=names,
     ts_ns=ts,
-    target=st.one_of(st.booleans(), huge_ints, st.floats(allow_nan=False)),
+    target=st.one_of(st.booleans(), huge_ints, st.floats(allow_nan=False, allow_infinity=False)),
 )
 heartbeats = st.builds(
     Heartbeat,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
 async def wait_until(
@@ -25,3 +25,14 @@ def wait_until_sync(cond: Callable[[], bool], within: float, what: str, poll: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         time.sleep(poll)
+
+
+async def wait_until_async(
+    cond: Callable[[], Awaitable[bool]], within: float, what: str, poll: float = 0.05
+) -> None:
+    """:func:`wait_until` for a condition that must itself await (e.g. read the outbox)."""
+    deadline = time.monotonic() + within
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(poll)

@@ -19,6 +19,13 @@ def test_reading_coerces_quality_codes():
         (lambda: Frame("m", "k", 1, {}, prediction="yes"), r"Frame\.prediction"),
         (lambda: Event("r", "m", 1, severity=9), r"Event\.severity"),
         (lambda: Label("m", "k", 1, float("nan")), r"Label\.target"),
+        (lambda: Label("m", "k", 1, float("inf")), r"Label\.target: expected a finite"),
+        (lambda: Reading("m", "t", 99999999999999999999999, 1.0), r"Reading\.ts_ns.*2262"),
+        (lambda: Reading("m", "t", 2**63, 1.0), r"Reading\.ts_ns"),
+        (lambda: Reading("m", "t", 1, 1.0, status=2**64), r"Reading\.status"),
+        (lambda: Frame("m", "k", 1, {"a": 2**64}), r"Frame\.features\['a'\]"),
+        (lambda: Frame("m", "k", 1, {}, model_version=2**70), r"Frame\.model_version"),
+        (lambda: Event("r", "m", 2**63, 0), r"Event\.ts_ns"),
         (lambda: Heartbeat("a", 1, models={"m": "1"}), r"Heartbeat\.models"),
     ],
 )

@@ -28,6 +28,7 @@ def batches(draw):
         kind=kind,
         records=records,
         created_ns=draw(S.ts),
+        incarnation=draw(st.text(max_size=16)),
     )
 
 
@@ -108,7 +109,61 @@ def test_invalid_record_inside_valid_msgpack_is_a_decode_error():
 
 
 @settings(max_examples=500)
-@given(st.binary(max_size=200))
-def test_random_bytes_never_crash_the_decoder(data):
+@given(st.binary(max_size=200), st.sampled_from([b"EL\x01\x01", b"EL\x02\x02", b"EL\x02\x04"]))
+def test_random_bytes_never_crash_the_decoder(data, header):
     with contextlib.suppress(WireDecodeError):
-        decode_batch(b"EL\x01\x01" + data)
+        decode_batch(header + data)
+
+
+def test_version_1_batches_are_still_read_as_incarnation_empty():
+    import msgpack
+
+    body = msgpack.packb(["gw", 7, 5, ["m", "t"], [[0, 1, 9, 1.5, 0, 0]]])
+    batch = decode_batch(b"EL\x01\x01" + body)
+    assert (batch.agent_id, batch.incarnation, batch.batch_seq) == ("gw", "", 7)
+    assert batch.records == [Reading("m", "t", 9, 1.5)]
+
+
+def test_batch_identity_carries_the_incarnation():
+    b = Batch("gw", 3, Kind.READING, [Reading("m", "t", 1, 1.0)], 2, "9f2c")
+    data = encode_batch(b)
+    assert data[2] == 2  # schema version 2
+    assert decode_batch(data).incarnation == "9f2c"
+
+
+@pytest.mark.parametrize("kind", [Kind.READING, Kind.FRAME, Kind.EVENT, Kind.LABEL])
+def test_negative_string_table_indices_are_refused(kind):
+    """Python would read t[-1] as the last name: a corrupt batch must not pass as valid."""
+    import msgpack
+
+    rows = {
+        Kind.READING: [[-1, 0, 9, 1.5, 0, 0]],
+        Kind.FRAME: [[0, "k", 9, [[-1, 1.0]], None, None, None, []]],
+        Kind.EVENT: [[-2, 0, 9, 0, "", {}]],
+        Kind.LABEL: [[-1, "k", 9, 1]],
+    }[kind]
+    body = msgpack.packb(["gw", "i", 7, 5, ["m", "t"], rows])
+    with pytest.raises(WireDecodeError, match="string-table index -"):
+        decode_batch(b"EL\x02" + bytes([int(kind)]) + body)
+
+
+def test_quarantine_leaves_out_only_the_bad_record():
+    import msgpack
+
+    rows = [["m", "k1", 9, 1], ["m", "k2", 9, float("inf")], ["m", "k3", 2**63, 1]]
+    body = msgpack.packb(["gw", "i", 7, 5, ["m"], [[0, *r[1:]] for r in rows]])
+    data = b"EL\x02\x04" + body
+    with pytest.raises(WireDecodeError, match="record #1"):
+        decode_batch(data)
+    batch = decode_batch(data, quarantine=True)
+    assert [r.key for r in batch.records] == ["k1"]
+    assert [i for i, _ in batch.rejected] == [1, 2]
+    assert "finite" in batch.rejected[0][1] and "ts_ns" in batch.rejected[1][1]
+
+
+def test_a_bad_header_fails_even_in_quarantine():
+    import msgpack
+
+    body = msgpack.packb(["", "i", 7, 5, [], []])
+    with pytest.raises(WireDecodeError, match="agent_id"):
+        decode_batch(b"EL\x02\x01" + body, quarantine=True)

@@ -21,7 +21,7 @@ from cloud.service import CloudService
 from tests.integration.cloud.stream import EdgeProducer, Stream
 from tests.waiting import wait_until
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-the-cloud-tests-0001"
 
 
 def make_config(bootstrap: str, tmp_path: Path, **over) -> CloudConfig:

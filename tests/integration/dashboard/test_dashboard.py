@@ -30,7 +30,7 @@ from tests.integration.cloud.stream import EdgeProducer, Stream
 from tests.integration.dashboard.browser import Page, screenshot_dir
 from tests.waiting import wait_until
 
-TOKEN = "plant-floor-token"
+TOKEN = "plant-floor-token-0123456789abc"
 
 
 def _config(bootstrap: str, tmp_path: Path) -> CloudConfig:

@@ -12,7 +12,7 @@ from tests.conftest import _need_mosquitto
 from tests.integration.dashboard.browser import Page
 from tests.waiting import wait_until
 
-TOKEN = "stack-operator-token"
+TOKEN = "stack-operator-token-0123456789"
 
 
 async def _confirm(page: Page, button: str) -> None:

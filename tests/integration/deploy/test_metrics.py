@@ -66,7 +66,7 @@ def local_edge_config(tmp_path, sim, mqtt_url: str, bootstrap: str):
 def local_cloud_config(bootstrap: str, postgres_url: str) -> CloudConfig:
     path = mounts(compose()["services"]["cloud"])["/etc/edgeloop/cloud.yaml"]
     environ = {
-        "EDGELOOP__API__TOKEN": "deploy-test-token",
+        "EDGELOOP__API__TOKEN": "deploy-test-token-0123456789abc",
         "EDGELOOP__DATABASE__URL": postgres_url,
         "EDGELOOP__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "EDGELOOP__KAFKA__SESSION_TIMEOUT_S": "2",  # Tansu holds a join for half of it

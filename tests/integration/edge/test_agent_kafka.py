@@ -46,7 +46,11 @@ def config(tmp_path, bootstrap, model=None, **extra):
             },
             {"name": "warm", "when": "r.spindle_temp > 6.0", "clear": "r.spindle_temp < 4.0"},
         ],
-        "uplink": {"bootstrap_servers": bootstrap, "linger_ms": 5},
+        "uplink": {
+            "bootstrap_servers": bootstrap,
+            "linger_ms": 5,
+            "delete_after": "broker",  # no cloud here to confirm batches
+        },
         "http": {"port": 0},
         "heartbeat_interval": 0.5,
     }

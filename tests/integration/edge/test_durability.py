@@ -54,6 +54,9 @@ def doc(tmp_path: Path, bootstrap: str, agent_id: str, isolation: str = "inline"
             "linger_ms": 10,
             "request_timeout_ms": 3000,
             "backoff": {"initial": 0.2, "max": 2.0},
+            # no cloud here: the agent's contract with the broker alone (the chaos suite and
+            # tests/integration/test_end_to_end_ack.py hold the end-to-end one)
+            "delete_after": "broker",
         },
         "http": {"port": None},
         "heartbeat_interval": 1.0,

@@ -135,7 +135,11 @@ async def test_a_killed_worker_is_replaced_and_the_stream_stays_exactly_once(
                 for a in ("m1", "m2")
             ],
             "rules": [{"name": "hot", "when": "r.t1 > 55.0", "clear": "r.t1 < 45.0"}],
-            "uplink": {"bootstrap_servers": kafka_broker, "linger_ms": 5},
+            "uplink": {
+                "bootstrap_servers": kafka_broker,
+                "linger_ms": 5,
+                "delete_after": "broker",  # no cloud here to confirm batches
+            },
             "http": {"port": None},
         }
     )

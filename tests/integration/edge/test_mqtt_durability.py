@@ -91,6 +91,9 @@ async def test_mqtt_qos1_stream_survives_sigkill_without_gap(
                 "linger_ms": 10,
                 "request_timeout_ms": 3000,
                 "backoff": {"initial": 0.2, "max": 2.0},
+                # no cloud here: the agent's contract with the broker alone (the chaos suite and
+                # tests/integration/test_end_to_end_ack.py hold the end-to-end one)
+                "delete_after": "broker",
             },
             "http": {"port": None},
         },

@@ -91,7 +91,11 @@ async def test_simulator_through_agent_into_kafka_with_write_back(
                             ],
                         }
                     ],
-                    "uplink": {"bootstrap_servers": kafka_broker, "linger_ms": 5},
+                    "uplink": {
+                        "bootstrap_servers": kafka_broker,
+                        "linger_ms": 5,
+                        "delete_after": "broker",  # no cloud to confirm batches
+                    },
                     "http": {"port": None},
                 }
             )

@@ -420,3 +420,30 @@ def test_secure_modes_refuse_to_trust_the_server_silently():
             endpoint="opc.tcp://h:4840",
             nodes=[OpcUaNodeConfig(node="0:Objects/x:A", asset="a", tag="t")],
         )
+
+
+async def test_a_source_timestamp_of_9999_is_a_dead_letter_and_the_node_goes_on(server):
+    """Issue 13, defect 2: 9999-12-31 is a legal OPC UA DateTime, but beyond what a 64-bit
+    nanosecond timestamp holds. It must not reach the outbox (whose encoder would raise) nor
+    stop the subscription: the value is dead-lettered with the reason, the next one is read."""
+    import datetime as dt
+
+    from asyncua import ua
+
+    letters: list = []
+    conn, sink = await started(make_config(server.url, [node("Setpoint")]))
+    conn.set_dead_letter_sink(letters.extend)
+    async with conn:
+        await wait_until(lambda: sink.of("setpoint"), 10, "the first value")
+        far = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+        await server.set_raw(
+            "Setpoint", ua.DataValue(ua.Variant(77.0, ua.VariantType.Double), SourceTimestamp=far)
+        )
+        await wait_until(lambda: letters, 10, "the dead letter")
+        await server.nodes["Setpoint"].write_value(78.0)
+        await wait_until(lambda: any(r.value == 78.0 for r in sink.of("setpoint")), 10, "78.0")
+    assert not any(r.value == 77.0 for r in sink.readings)
+    (letter,) = letters
+    assert "outside 1970..2262" in letter.reason and "Setpoint" in letter.source
+    assert b"77.0" in letter.payload
+    assert conn.dead_letters == letters and conn.malformed_total == 1

@@ -1,4 +1,5 @@
-"""Which batches were already applied: floors, sparse windows, run-length text, dirty tracking."""
+"""Which batches were already applied: floors, sparse windows, run-length text, dirty tracking,
+the agents' low-water mark and the acknowledgement state."""
 
 from __future__ import annotations
 
@@ -27,18 +28,22 @@ def test_window_text_round_trips_runs_and_singletons():
     assert SeqWindow.decode(-1, "") == SeqWindow()
 
 
-def test_tracker_keys_by_agent_topic_partition_and_reports_dirty_copies():
+def test_tracker_keys_by_agent_incarnation_topic_partition_and_reports_dirty_copies():
     t = SeqTracker(window=16)
-    t.mark(("edge-1", "frames", 0), 1)
-    t.mark(("edge-1", "frames", 1), 2)
-    t.mark(("edge-2", "frames", 0), 1)
-    assert t.seen(("edge-1", "frames", 0), 1)
-    assert not t.seen(("edge-1", "frames", 0), 2)  # seq 2 went to partition 1
-    assert not t.seen(("edge-3", "frames", 0), 1)
+    t.mark(("edge-1", "i1", "frames", 0), 1)
+    t.mark(("edge-1", "i1", "frames", 1), 2)
+    t.mark(("edge-2", "i1", "frames", 0), 1)
+    assert t.seen(("edge-1", "i1", "frames", 0), 1)
+    assert not t.seen(("edge-1", "i1", "frames", 0), 2)  # seq 2 went to partition 1
+    assert not t.seen(("edge-3", "i1", "frames", 0), 1)
     dirty = t.take_dirty()
-    assert set(dirty) == {("edge-1", "frames", 0), ("edge-1", "frames", 1), ("edge-2", "frames", 0)}
-    dirty[("edge-1", "frames", 0)].recent.append(99)  # a copy: the live state is untouched
-    assert not t.seen(("edge-1", "frames", 0), 99)
+    assert set(dirty) == {
+        ("edge-1", "i1", "frames", 0),
+        ("edge-1", "i1", "frames", 1),
+        ("edge-2", "i1", "frames", 0),
+    }
+    dirty[("edge-1", "i1", "frames", 0)].recent.append(99)  # a copy: the live state is untouched
+    assert not t.seen(("edge-1", "i1", "frames", 0), 99)
     assert t.take_dirty() == {}
     t.restore_dirty(dirty)  # a failed write makes them dirty again
     assert len(t.take_dirty()) == 3
@@ -46,12 +51,58 @@ def test_tracker_keys_by_agent_topic_partition_and_reports_dirty_copies():
 
 def test_tracker_forgets_revoked_partitions_and_loads_their_saved_state():
     t = SeqTracker(window=16)
-    t.mark(("edge-1", "frames", 0), 1)
-    t.mark(("edge-1", "labels", 0), 2)
+    t.mark(("edge-1", "i1", "frames", 0), 1)
+    t.mark(("edge-1", "i1", "labels", 0), 2)
     t.forget_partition("frames", 0)
-    assert not t.seen(("edge-1", "frames", 0), 1)
-    assert t.seen(("edge-1", "labels", 0), 2)
-    t.load(("edge-1", "frames", 0), SeqWindow(10, [12]))
-    assert t.seen(("edge-1", "frames", 0), 10) and t.seen(("edge-1", "frames", 0), 12)
-    assert not t.seen(("edge-1", "frames", 0), 11)
-    assert ("edge-1", "frames", 0) not in t.take_dirty()  # loaded, not changed
+    assert not t.seen(("edge-1", "i1", "frames", 0), 1)
+    assert t.seen(("edge-1", "i1", "labels", 0), 2)
+    t.load(("edge-1", "i1", "frames", 0), SeqWindow(10, [12]))
+    assert t.seen(("edge-1", "i1", "frames", 0), 10) and t.seen(("edge-1", "i1", "frames", 0), 12)
+    assert not t.seen(("edge-1", "i1", "frames", 0), 11)
+    assert ("edge-1", "i1", "frames", 0) not in t.take_dirty()  # loaded, not changed
+
+
+def test_incarnations_of_one_agent_never_shadow_each_other():
+    """A gateway that lost its state starts at batch_seq 1 again under a new incarnation: its
+    new batches are not the old incarnation's duplicates."""
+    t = SeqTracker(window=16)
+    for seq in range(1, 11):
+        t.mark(("gw", "old", "frames", 0), seq)
+    assert t.seen(("gw", "old", "frames", 0), 3)
+    assert not t.seen(("gw", "new", "frames", 0), 3)
+
+
+def test_low_water_mark_raises_the_floor_and_keeps_the_list_short():
+    t = SeqTracker(window=16)
+    key = ("gw", "i1", "telemetry", 2)
+    for seq in (3, 5, 8, 13):
+        t.mark(key, seq)
+    t.raise_floor(key, 7)  # the agent holds nothing below 8 any more
+    w = t.get(key)
+    assert w is not None and (w.floor, w.recent) == (7, [8, 13])
+    assert t.seen(key, 6)  # settled: the agent will never send it again
+    t.raise_floor(key, 4)  # a lower mark (an older message) changes nothing
+    assert (w.floor, w.recent) == (7, [8, 13])
+
+
+def test_window_overflow_is_reported():
+    t = SeqTracker(window=3)
+    key = ("gw", "i1", "frames", 0)
+    assert [t.mark(key, s) for s in (1, 2, 3, 4)] == [False, False, False, True]
+    assert t.overflows == 1
+
+
+def test_ack_state_covers_applied_batches_and_duplicates_until_taken():
+    t = SeqTracker(window=16)
+    a, b = ("gw", "i1", "frames", 0), ("gw", "i1", "labels", 1)
+    t.mark(a, 4)
+    t.mark(a, 5)
+    t.mark(a, 9)
+    assert t.take_ack_dirty() == {a: (-1, "4-5,9")}
+    assert t.take_ack_dirty() == {}
+    t.mark(b, 2)
+    t.duplicate(a)  # the agent resent 4: tell it again
+    acks = t.take_ack_dirty()
+    assert acks == {a: (-1, "4-5,9"), b: (-1, "2")}
+    t.restore_ack_dirty(set(acks))  # the checkpoint failed: publish them with the next one
+    assert set(t.take_ack_dirty()) == {a, b}

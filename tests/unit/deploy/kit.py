@@ -24,7 +24,7 @@ UNIT = DEPLOY / "systemd" / "edgeloop-edge.service"
 
 #: values a test gives the variables compose reads from .env (what .env.example lists)
 COMPOSE_ENV = {
-    "EDGELOOP_API_TOKEN": "test-token-0123456789",
+    "EDGELOOP_API_TOKEN": "test-token-0123456789abcdefghij",
     "POSTGRES_PASSWORD": "test-password",
     "GRAFANA_ADMIN_PASSWORD": "test-admin",
 }

@@ -176,9 +176,13 @@ def test_fast_reading_encoder_matches_the_wire_codec_byte_for_byte():
         Reading(f"m{i % 3}", f"t{i % 5}", 1_700_000_000_000_000_000 + i, v, Quality(i % 3), i)
         for i, v in enumerate(values * 3)
     ]
-    assert encode_readings("gw", 7, 123, rs) == encode_batch(Batch("gw", 7, Kind.READING, rs, 123))
+    assert encode_readings("gw", "inc1", 7, 123, rs) == encode_batch(
+        Batch("gw", 7, Kind.READING, rs, 123, "inc1")
+    )
     big = [*rs, Reading("m1", "huge", 1_700_000_000_000_000_000, 2**70)]  # codec's extension
-    assert encode_readings("gw", 8, 5, big) == encode_batch(Batch("gw", 8, Kind.READING, big, 5))
+    assert encode_readings("gw", "inc1", 8, 5, big) == encode_batch(
+        Batch("gw", 8, Kind.READING, big, 5, "inc1")
+    )
 
 
 async def test_interleaved_assets_keep_their_order_across_chunks(tmp_path):

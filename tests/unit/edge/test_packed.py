@@ -38,7 +38,7 @@ def test_one_poll_seals_to_the_same_bytes_as_the_outbox_encoder():
     rs = poll("m1", 100)
     [p] = packed(rs)
     assert p.n == 100 and p.asset == "m1"
-    assert seal_packed("gw", 7, NOW, [p]) == encode_readings("gw", 7, NOW, rs)
+    assert seal_packed("gw", "i1", 7, NOW, [p]) == encode_readings("gw", "i1", 7, NOW, rs)
     assert p.readings() == rs
 
 
@@ -90,7 +90,7 @@ def test_any_readings_in_several_messages_come_back_per_asset_in_order(messages)
     assert all(p.n <= 7 for p in frags)
     for asset in {r.asset for m in messages for r in m}:
         mine = [p for p in frags if p.asset == asset]
-        got = decode_batch(seal_packed("gw", 1, NOW, mine)).records
+        got = decode_batch(seal_packed("gw", "i1", 1, NOW, mine)).records
         want = [r for m in messages for r in m if r.asset == asset]
         assert _same(list(got), want)  # type: ignore[arg-type]
 
