@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test lint bench venv dev mosquitto browser clean
+.PHONY: demo test lint bench venv dev mosquitto browser promtool clean
 
 $(VENV)/.base: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3)"; exit 1; }
@@ -28,6 +28,14 @@ mosquitto:
 	  else echo "mosquitto is missing: install it (apt-get install mosquitto) to run the MQTT tests"; fi; \
 	fi
 
+# promtool (Debian's prometheus package) checks the alert rules and runs their unit tests.
+promtool:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else echo "promtool is missing: install it (apt-get install prometheus) to check the alert rules"; fi; \
+	fi
+
 # The dashboard test drives a real headless Chromium through Debian's chromedriver (selenium
 # never downloads a browser or a driver); install both when missing and we are root.
 browser:
@@ -45,7 +53,7 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: $(VENV)/.dev mosquitto browser lint
+test: $(VENV)/.dev mosquitto browser promtool lint
 	$(VENV)/bin/pytest
 
 bench: $(VENV)/.dev mosquitto

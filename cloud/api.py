@@ -171,6 +171,7 @@ def _api_router() -> APIRouter:
                     "outbox_depth": hb.outbox_depth,
                     "outbox_bytes": hb.outbox_bytes,
                     "status": hb.status,
+                    "incarnation": svc.incarnations.get(agent_id, ("", 0))[0] or None,
                     "info": hb.info,
                 }
             )
@@ -454,9 +455,15 @@ def create_app(service: CloudService, *, routers: list[APIRouter] | None = None)
     if service.config.api.token is None:
         log.warning("api.token is not set (development): writes are open to anyone")
 
-    @app.get("/healthz", summary="Liveness", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get(
+        "/healthz",
+        summary="Liveness: ok | degraded (200, with reasons) or failing (503: a core task died)",
+        tags=["ops"],
+    )
+    async def healthz(request: Request) -> JSONResponse:
+        doc = _service(request).health()
+        code = 503 if doc["status"] in ("failing", "stopping") else 200
+        return JSONResponse(doc, status_code=code)
 
     @app.get("/readyz", summary="Readiness: consuming and the registry is open", tags=["ops"])
     async def readyz(request: Request) -> Response:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from cloud.api import require_token
@@ -449,7 +450,9 @@ class ModelDelivery:
             summary="The ONNX artifact of a version (sha256 in X-Content-SHA256)",
             response_class=FileResponse,
         )
-        async def get_artifact(name: str, version: int) -> FileResponse:
+        async def get_artifact(
+            name: str, version: Annotated[int, PathParam(ge=1, le=2**63 - 1)]
+        ) -> FileResponse:
             known(name)
             try:
                 entry = await asyncio.to_thread(delivery.service.registry.version, name, version)

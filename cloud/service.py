@@ -1086,12 +1086,25 @@ class CloudService:
         consumer = self._consumer
         if consumer is None:
             return
-        lost: dict[TopicPartition, tuple[str, str]] = {}
+        suspects = []
         for tp in consumer.assignment():
             hw = consumer.highwater(tp)
             pos = self._positions.get(tp)
             if hw is not None and pos is not None and hw < pos and tp not in self._verify:
-                lost[tp] = ("end_moved_back", f"the log ends at {hw}, before offset {pos} consumed")
+                suspects.append(tp)
+        if not suspects:
+            return
+        # the high watermark of the last fetch response may lag: ask the broker for the end
+        within = self.config.kafka.request_timeout_s + 5
+        ends = await asyncio.wait_for(consumer.end_offsets(suspects), within)
+        lost: dict[TopicPartition, tuple[str, str]] = {}
+        for tp in suspects:
+            pos = self._positions.get(tp)
+            if pos is not None and ends[tp] < pos:
+                lost[tp] = (
+                    "end_moved_back",
+                    f"the log ends at {ends[tp]}, before offset {pos} consumed",
+                )
         if lost:
             await self._log_lost(lost)
 

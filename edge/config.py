@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import cel
-import yaml
 from pydantic import Field, create_model, field_validator, model_validator
 
 from edge.synthetic import SyntheticConfig
 from protocols.base import ConnectorConfig, available_connectors
-from shared.config import ConfigModel, load_config
+from shared.config import ConfigModel, load_config, load_yaml
 from shared.records import Severity
 from shared.topics import DEFAULT_PREFIX
 
@@ -512,7 +511,7 @@ def __getattr__(name: str) -> Any:
 def _kinds_in(path: str | os.PathLike[str]) -> set[str] | None:
     """The connector kinds a config file names, or None when that cannot be told cheaply."""
     try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        doc = load_yaml(Path(path).read_text(encoding="utf-8"))
         entries = doc.get("connectors") or []
         kinds = {e["kind"] for e in entries}
     except Exception:  # noqa: BLE001 - the full model will report whatever is wrong

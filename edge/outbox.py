@@ -85,6 +85,13 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS identity (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dropped (
+    lo INTEGER PRIMARY KEY,
+    hi INTEGER NOT NULL,
+    batches INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    ts_ns INTEGER NOT NULL
+);
 """
 #: columns added with the end-to-end acknowledgement (ALTER TABLE on an older outbox file):
 #: sent = 1 once the broker acked (part/off: where it went; sends: how often; sent_ns: when)
@@ -582,11 +589,11 @@ class Outbox:
             )
         return rows
 
-    def _delete_oldest(self, need: int, sent: int) -> list[tuple[int, int]]:
+    def _delete_oldest(self, need: int, sent: int) -> list[tuple[int, int, int]]:
         """Delete the oldest batches in state ``sent`` until ``need`` bytes are free (inside the
-        transaction); returns (kind, records) per deleted batch."""
+        transaction); returns (seq, kind, records) per deleted batch."""
         db = self.db
-        out: list[tuple[int, int]] = []
+        out: list[tuple[int, int, int]] = []
         while need > 0:
             victims = db.execute(
                 "SELECT seq, kind, n, LENGTH(payload) FROM batches WHERE sent = ? "
@@ -604,7 +611,7 @@ class Outbox:
                 self.batches -= 1
                 self.records -= n
                 self.nbytes -= size + BATCH_OVERHEAD
-                out.append((kind, n))
+                out.append((seq, kind, n))
             db.executemany("DELETE FROM batches WHERE seq = ?", gone)
         if out:
             self._after_delete()
@@ -615,7 +622,7 @@ class Outbox:
         if not released:
             return
         self.unacked -= len(released)
-        for kind, n in released:
+        for _seq, kind, n in released:
             k = Kind(kind)
             self.released[k] = self.released.get(k, 0) + n
             if self._on_release is not None:
@@ -628,8 +635,35 @@ class Outbox:
         )
 
     def _drop_oldest(self, need: int) -> None:
-        for kind, n in self._delete_oldest(need, 0):
+        gone = self._delete_oldest(need, 0)
+        for _seq, kind, n in gone:
             self._count_drop(Kind(kind), n)
+        self._record_dropped(gone)
+
+    def _record_dropped(self, gone: list[tuple[int, int, int]]) -> None:
+        """Keep which numbers the overflow policy dropped, as runs (inside the transaction): the
+        gaps a reader of the cloud's history will see, accounted for."""
+        db = self.db
+        now = time.time_ns()
+        for seq, _kind, n in sorted(gone):
+            last = db.execute("SELECT lo, hi FROM dropped ORDER BY lo DESC LIMIT 1").fetchone()
+            if last is not None and last[1] + 1 == seq:
+                db.execute(
+                    "UPDATE dropped SET hi = ?, batches = batches + 1, records = records + ?, "
+                    "ts_ns = ? WHERE lo = ?",
+                    (seq, n, now, last[0]),
+                )
+            else:
+                db.execute("INSERT INTO dropped VALUES (?, ?, 1, ?, ?)", (seq, seq, n, now))
+
+    async def dropped_ranges(self) -> list[tuple[int, int]]:
+        """The batch numbers the overflow policy dropped, as inclusive runs, oldest first."""
+        return await self._call(
+            lambda: [
+                (int(lo), int(hi))
+                for lo, hi in self.db.execute("SELECT lo, hi FROM dropped ORDER BY lo")
+            ]
+        )
 
     def _count_drop(self, kind: Kind, n: int) -> None:
         self.dropped[kind] = self.dropped.get(kind, 0) + n

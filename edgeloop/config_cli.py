@@ -9,7 +9,7 @@ from typing import Any, cast
 import click
 import yaml
 
-from shared.config import ConfigError, load_config
+from shared.config import ConfigError, load_config, load_yaml
 
 #: config kind -> "module:Model"
 SCHEMAS: dict[str, str] = {
@@ -35,9 +35,9 @@ def _guess_kind(path: Path) -> str | None:
         if kind in stem:
             return kind
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = load_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
+        return None  # the full load that follows says what is wrong, with file and line
     if not isinstance(doc, dict):
         return None
     scores: dict[str, int] = {}

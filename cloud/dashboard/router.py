@@ -226,6 +226,8 @@ def dashboard_router(
         fleet = []
         for agent_id, (hb, received) in sorted(svc.fleet.items()):
             age = max(0.0, (now - hb.ts_ns) / 1e9)
+            got = hb.info.get("outbox")
+            outbox: dict[str, Any] = got if isinstance(got, dict) else {}
             fleet.append(
                 {
                     "agent_id": agent_id,
@@ -248,6 +250,11 @@ def dashboard_router(
                     "outbox_bytes": hb.outbox_bytes,
                     "uptime_s": hb.info.get("uptime_s"),
                     "dropped": hb.info.get("dropped", {}),
+                    # the outbox's identity: a new one means the gateway lost its state directory
+                    "incarnation": outbox.get("incarnation"),
+                    # sent batches the cloud has not confirmed yet (end-to-end acknowledgement)
+                    "unconfirmed": outbox.get("unacked", 0),
+                    "unconfirmed_age_s": outbox.get("unacked_age_s", 0.0),
                 }
             )
         lag: dict[str, int] = dict.fromkeys(_KINDS, 0)

@@ -8,6 +8,7 @@ written in the checkpoint that covers them) against every batch the agent number
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -112,11 +113,21 @@ async def test_broker_that_loses_its_log_loses_nothing_end_to_end(tmp_path, kafk
                 got = applied(svc, "gw-e2e")
                 missing = [s for s in range(1, target) if (inc, s) not in got]
                 consumer = svc._consumer
+                db = sqlite3.connect(tmp_path / "state" / "outbox.db")
+                held = db.execute(
+                    "SELECT seq, kind, part, off, sent, sends FROM batches ORDER BY seq LIMIT 30"
+                ).fetchall()
+                db.close()
+                windows = {
+                    k: (w.floor, w.encode()[-200:])
+                    for k in svc.seqs.keys_of("gw-e2e")
+                    if (w := svc.seqs.get(k)) is not None
+                }
                 raise AssertionError(
                     f"missing {len(missing)} of {target - 1}: {missing[:20]}...; "
                     f"cloud {svc.health()} positions {svc.offsets()} "
                     f"assigned {sorted(consumer.assignment()) if consumer else None}; "
-                    f"agent {agent.health()}"
+                    f"agent {agent.health()}; outbox {held}; dedupe {windows}"
                 ) from None
         finally:
             await agent.stop(flush_timeout=2)

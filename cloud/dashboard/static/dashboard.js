@@ -576,12 +576,18 @@
           : ["no model"]));
       const reasons = a.reasons.length ? el("ul", { class: "reasons" }, ...a.reasons.map((r) => el("li", {}, r))) : null;
       return el("tr", { "data-agent": a.agent_id, "data-health": a.health },
-        el("th", { scope: "row" }, a.agent_id),
+        el("th", { scope: "row" }, a.agent_id,
+          a.incarnation ? el("span", { class: "behind", "data-field": "incarnation",
+            title: "outbox incarnation: a new one means the gateway lost its state directory" },
+            `incarnation ${a.incarnation.slice(0, 8)}`) : null),
         el("td", {}, el("span", { class: `badge ${a.health}` }, healthText[a.health] || a.health), reasons),
         el("td", { title: fmtDateTime(a.last_heartbeat_ns) }, fmtAge(a.seconds_since_heartbeat)),
         modelCell,
         el("td", { class: "num", "data-field": "outbox", title: fmtBytes(a.outbox_bytes) },
-          fmtInt(a.outbox_depth), el("span", { class: "behind" }, fmtBytes(a.outbox_bytes))),
+          fmtInt(a.outbox_depth), el("span", { class: "behind" }, fmtBytes(a.outbox_bytes)),
+          a.unconfirmed ? el("span", { class: "behind", "data-field": "unconfirmed",
+            title: "sent batches the cloud has not confirmed applied yet" },
+            `${fmtInt(a.unconfirmed)} batches unconfirmed for ${fmtDuration(a.unconfirmed_age_s)}`) : null),
         el("td", { class: "num" }, fmtDuration(a.uptime_s)));
     }));
   }

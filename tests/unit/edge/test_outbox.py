@@ -135,6 +135,7 @@ async def test_drop_oldest_makes_room_and_counts(tmp_path):
         assert values == sorted(values) and values[-1] == 3999.0  # the newest are kept
         seqs = [b.seq for b in batches]
         assert seqs == list(range(seqs[0], 41))  # dropped from the front: one visible gap
+        assert await ob.dropped_ranges() == [(1, seqs[0] - 1)]  # and that gap is on record
 
 
 async def test_drop_newest_refuses_what_does_not_fit_without_gaps(tmp_path):
