@@ -238,6 +238,7 @@ class CloudService:
         self._hooks: asyncio.Queue[VersionEntry] = asyncio.Queue()
         self._models_lock = asyncio.Lock()
         self._checkpoint_lock = asyncio.Lock()
+        self._rebalance_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._state = "new"  # new -> started -> stopped
         self._server: Any = None
@@ -381,17 +382,18 @@ class CloudService:
         kc = self.config.kafka
         admin = AIOKafkaAdminClient(**kafka_client_options(kc))
         try:
-            await admin.start()
-            existing = set(await admin.list_topics())
-            wanted = {t: kc.partitions for t in self.topics.uplink()}
-            wanted[self.topics.control] = self.config.control.partitions
-            missing = [t for t in wanted if t not in existing]
-            if missing:
-                await admin.create_topics(
-                    [NewTopic(t, wanted[t], kc.replication_factor) for t in missing]
-                )
-                log.info("created topics %s", ", ".join(missing))
-        except KafkaError as exc:
+            async with asyncio.timeout(kc.request_timeout_s + 5):
+                await admin.start()
+                existing = set(await admin.list_topics())
+                wanted = {t: kc.partitions for t in self.topics.uplink()}
+                wanted[self.topics.control] = self.config.control.partitions
+                missing = [t for t in wanted if t not in existing]
+                if missing:
+                    await admin.create_topics(
+                        [NewTopic(t, wanted[t], kc.replication_factor) for t in missing]
+                    )
+                    log.info("created topics %s", ", ".join(missing))
+        except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("could not create the uplink topics (%s); expecting them to exist", exc)
         finally:
             await admin.close()
@@ -503,18 +505,21 @@ class CloudService:
             except OffsetOutOfRangeError as exc:
                 # the broker no longer has the position: the log was truncated or replaced
                 offsets = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
-                await self._log_lost(
-                    {
-                        tp: ("out_of_range", f"offset {off} is out of range")
-                        for tp, off in offsets.items()
-                    }
-                )
+                async with self._rebalance_lock:
+                    await self._log_lost(
+                        {
+                            tp: ("out_of_range", f"offset {off} is out of range")
+                            for tp, off in offsets.items()
+                            if tp in consumer.assignment()
+                        }
+                    )
                 continue
             except NoOffsetForPartitionError as exc:
                 # assigned without a position (the assignment hook could not set one)
-                for tp in exc.args:
-                    if isinstance(tp, TopicPartition):
-                        await self._start_fresh(tp)
+                async with self._rebalance_lock:
+                    for tp in exc.args:
+                        if isinstance(tp, TopicPartition) and tp in consumer.assignment():
+                            await self._start_fresh(tp)
                 continue
             except KafkaError as exc:
                 log.warning("Kafka poll failed (%s); retrying in %.1fs", exc, backoff)
@@ -522,33 +527,41 @@ class CloudService:
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 0.1
-            for tp, messages in polled.items():
-                if tp in self._verify and messages:
-                    kept = await self._verified(tp, messages)
-                    if kept is None:
-                        continue  # the log was lost: this partition starts over
-                    messages = kept
-                for msg in messages:
-                    notices = self._apply(
-                        msg.topic, msg.partition, msg.value, msg.headers, msg.offset
-                    )
-                    self._positions[tp] = msg.offset + 1
-                    if notices:
-                        await self._handle(notices)
-                if messages:
-                    last = messages[-1]
-                    self._marks[tp] = (last.offset, _fingerprint(last))
-                self._since_checkpoint += len(messages)
+            # a rebalance waits until this poll is applied (and checkpointed when due): its
+            # hooks forget and reload per-partition state, which must not change under the loop
+            async with self._rebalance_lock:
+                await self._process(consumer, polled)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + check_every
+                    await self._check_log_ends()
+                if self._since_checkpoint and (
+                    self._since_checkpoint >= self.config.checkpoint_records
+                    or time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
+                ):
+                    await self.checkpoint()
             if polled:
                 await asyncio.sleep(0)  # let the API answer between polls
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + check_every
-                await self._check_log_ends()
-            if self._since_checkpoint and (
-                self._since_checkpoint >= self.config.checkpoint_records
-                or time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
-            ):
-                await self.checkpoint()
+
+    async def _process(self, consumer: AIOKafkaConsumer, polled: dict[Any, list[Any]]) -> None:
+        """Apply one poll, partition by partition, in offset order."""
+        assigned = consumer.assignment()
+        for tp, messages in polled.items():
+            if tp not in assigned:
+                continue  # revoked while the poll was in flight: its new owner reads it
+            if tp in self._verify and messages:
+                kept = await self._verified(tp, messages)
+                if kept is None:
+                    continue  # the log was lost: this partition starts over
+                messages = kept
+            for msg in messages:
+                notices = self._apply(msg.topic, msg.partition, msg.value, msg.headers, msg.offset)
+                self._positions[tp] = msg.offset + 1
+                if notices:
+                    await self._handle(notices)
+            if messages:
+                last = messages[-1]
+                self._marks[tp] = (last.offset, _fingerprint(last))
+            self._since_checkpoint += len(messages)
 
     def _apply(
         self,
@@ -995,15 +1008,20 @@ class CloudService:
         return True
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        if self._registry is not None and self._positions:
-            await self.checkpoint()
-        for tp in revoked:
-            self.seqs.forget_partition(tp.topic, tp.partition)
-            self._positions.pop(tp, None)
-            self._marks.pop(tp, None)
-            self._verify.pop(tp, None)
+        async with self._rebalance_lock:
+            if self._registry is not None and self._positions:
+                await self.checkpoint()
+            for tp in revoked:
+                self.seqs.forget_partition(tp.topic, tp.partition)
+                self._positions.pop(tp, None)
+                self._marks.pop(tp, None)
+                self._verify.pop(tp, None)
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self._rebalance_lock:
+            await self._assign(assigned)
+
+    async def _assign(self, assigned: set[TopicPartition]) -> None:
         """Load the partitions' dedupe state and set every position, checking the log first."""
         keys = [(tp.topic, tp.partition) for tp in assigned]
         loaded = await asyncio.to_thread(self.registry.load_dedupe, keys)
@@ -1082,29 +1100,28 @@ class CloudService:
         return None
 
     async def _check_log_ends(self) -> None:
-        """A log end below what was already consumed: the broker lost acknowledged records."""
+        """A log end below what was already consumed (or below the position a partition was
+        resumed at): the broker lost acknowledged records. Asked of the broker directly
+        (ListOffsets), not read from the last fetch response, which a consumer parked beyond
+        the end of a shorter log may never get."""
         consumer = self._consumer
         if consumer is None:
             return
-        suspects = []
-        for tp in consumer.assignment():
-            hw = consumer.highwater(tp)
-            pos = self._positions.get(tp)
-            if hw is not None and pos is not None and hw < pos and tp not in self._verify:
-                suspects.append(tp)
-        if not suspects:
+        tps = [tp for tp in consumer.assignment() if tp in self._positions]
+        if not tps:
             return
-        # the high watermark of the last fetch response may lag: ask the broker for the end
         within = self.config.kafka.request_timeout_s + 5
-        ends = await asyncio.wait_for(consumer.end_offsets(suspects), within)
+        try:
+            ends = await asyncio.wait_for(consumer.end_offsets(tps), within)
+        except (KafkaError, TimeoutError) as exc:
+            log.debug("log end check skipped: %s", exc)
+            return
         lost: dict[TopicPartition, tuple[str, str]] = {}
-        for tp in suspects:
+        for tp in tps:
             pos = self._positions.get(tp)
-            if pos is not None and ends[tp] < pos:
-                lost[tp] = (
-                    "end_moved_back",
-                    f"the log ends at {ends[tp]}, before offset {pos} consumed",
-                )
+            end = ends.get(tp)
+            if pos is not None and end is not None and end < pos:
+                lost[tp] = ("end_moved_back", f"the log ends at {end}, before offset {pos}")
         if lost:
             await self._log_lost(lost)
 
@@ -1147,6 +1164,8 @@ class CloudService:
         await asyncio.to_thread(
             self.registry.forget_marks, [(tp.topic, tp.partition) for tp in lost]
         )
+        if self.config.kafka.create_topics:
+            await self._create_topics()  # a broker that lost its log may have lost topics too
         causes = sorted({cause for cause, _ in lost.values()})
         where = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(lost))
         self._request_replay(BROADCAST, f"lost log ({', '.join(causes)}) on {where}", "log_lost")

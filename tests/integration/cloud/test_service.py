@@ -18,6 +18,7 @@ from cloud.config import (
     PromotionConfig,
 )
 from cloud.service import CloudService
+from shared.wire import Kind
 from tests.integration.cloud.stream import EdgeProducer, Stream
 from tests.waiting import wait_until
 
@@ -224,3 +225,40 @@ async def test_drift_at_the_edge_is_detected_and_triggers_a_promotion(kafka_brok
         assert last["evidence"]["champion_source"] == "edge"
         # ... and the candidates went on to learn the new rule
         assert ml.challenger().metrics.rolling()["accuracy"] > 0.85
+
+
+async def test_one_bad_record_is_quarantined_alone_never_its_whole_batch(kafka_broker, tmp_path):
+    """Issue 13: an infinite label (or a timestamp beyond 64 bits) from some producer must cost
+    only itself: the rest of its batch is learned, the record becomes a dead-letter event."""
+    import msgpack
+
+    from shared.records import DEAD_LETTER_RULE
+
+    cfg = make_config(kafka_broker, tmp_path)
+    await _ensure_topics(kafka_broker, cfg)
+    stream = Stream()
+    parts = stream.parts(400)
+    async with CloudService(cfg) as svc, EdgeProducer(kafka_broker, cfg.kafka.topics()) as edge:
+        await edge.send_batch(Kind.FRAME, [f for f, _ in parts])  # one frame batch per asset
+        learned_before = svc.learned
+        # the labels of press-1 as one batch whose record #3 carries an infinite target and
+        # record #5 a timestamp beyond 64-bit nanoseconds: hand-made, as no Label would allow it
+        labels = [lb for _, lb in parts if lb.asset == "press-1"]
+        rows = [[0, lb.key, lb.ts_ns, lb.target] for lb in labels]
+        rows[3][3] = float("inf")
+        rows[5][2] = 2**63
+        body = msgpack.packb(["edge-1", "inc-q", 9000, 0, ["press-1"], rows])
+        await edge.send_raw(cfg.kafka.topics().labels, b"press-1", b"EL\x02\x04" + body)
+        await wait_until(
+            lambda: svc.learned - learned_before >= len(labels) - 2, 30, "the good labels learned"
+        )
+        await wait_until(lambda: svc.quarantined == 2, 10, "two records quarantined")
+        await svc.checkpoint()
+        events = [e for e in svc.registry.events(limit=50) if e["rule"] == DEAD_LETTER_RULE]
+    assert svc.learned - learned_before == len(labels) - 2
+    assert sum(svc.stats.poison.values()) == 0  # the batch itself was fine
+    reasons = sorted(e["message"] for e in events)
+    assert len(reasons) == 2
+    assert "LABEL record #3" in reasons[0] and "finite" in reasons[0]
+    assert "LABEL record #5" in reasons[1] and "ts_ns" in reasons[1]
+    assert all(e["values"]["origin"] == "cloud" for e in events)
