@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test lint bench venv dev mosquitto browser promtool clean
+.PHONY: demo test lint bench chaos venv dev mosquitto browser promtool clean
 
 $(VENV)/.base: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3)"; exit 1; }
@@ -58,6 +58,11 @@ test: $(VENV)/.dev mosquitto browser promtool lint
 
 bench: $(VENV)/.dev mosquitto
 	$(PY) -m bench
+
+# The chaos suite (docs/reliability.md): every scenario at full length against real processes,
+# one row per scenario; exits 1 when anything was lost or applied twice.
+chaos: $(VENV)/.dev mosquitto
+	$(PY) -m tests.chaos
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
