@@ -220,7 +220,8 @@ class CloudService:
         self.quarantined = 0
         self._control_producer: AIOKafkaProducer | None = None
         self._acks_pending: dict[tuple[str, str], dict[tuple[str, int], tuple[int, str]]] = {}
-        self._replays_pending: list[tuple[str, str, str]] = []  # (agent or *, reason, cause)
+        #: (agent or *, reason, cause, parts or None for everything)
+        self._replays_pending: list[tuple[str, str, str, list[tuple[str, int]] | None]] = []
         self._control_wake = asyncio.Event()
         self._republished: dict[str, float] = {}
         self._replayed: dict[str, float] = {}
@@ -1033,10 +1034,12 @@ class CloudService:
         if consumer is not None and assigned:
             tps = sorted(assigned)
             within = self.config.kafka.request_timeout_s + 5
-            starts = await asyncio.wait_for(consumer.beginning_offsets(tps), within)
-            ends = await asyncio.wait_for(consumer.end_offsets(tps), within)
+            async with asyncio.timeout(within):
+                starts = await consumer.beginning_offsets(tps)
+                ends = await consumer.end_offsets(tps)
             for tp in tps:
-                committed = await asyncio.wait_for(consumer.committed(tp), within)
+                async with asyncio.timeout(within):
+                    committed = await consumer.committed(tp)
                 mark = marks.get((tp.topic, tp.partition))
                 if committed is None and mark is not None:
                     committed = mark[0] + 1  # the group's offsets are gone; the registry knows
@@ -1078,8 +1081,9 @@ class CloudService:
         if consumer is None:
             return
         within = self.config.kafka.request_timeout_s + 5
-        begin = (await asyncio.wait_for(consumer.beginning_offsets([tp]), within))[tp]
-        end = (await asyncio.wait_for(consumer.end_offsets([tp]), within))[tp]
+        async with asyncio.timeout(within):
+            begin = (await consumer.beginning_offsets([tp]))[tp]
+            end = (await consumer.end_offsets([tp]))[tp]
         self._seek_fresh(consumer, tp, begin, end)
 
     async def _verified(self, tp: TopicPartition, messages: list[Any]) -> list[Any] | None:
@@ -1112,7 +1116,8 @@ class CloudService:
             return
         within = self.config.kafka.request_timeout_s + 5
         try:
-            ends = await asyncio.wait_for(consumer.end_offsets(tps), within)
+            async with asyncio.timeout(within):
+                ends = await consumer.end_offsets(tps)
         except (KafkaError, TimeoutError) as exc:
             log.debug("log end check skipped: %s", exc)
             return
@@ -1131,7 +1136,8 @@ class CloudService:
         if consumer is None or not lost:
             return
         within = self.config.kafka.request_timeout_s + 5
-        starts = await asyncio.wait_for(consumer.beginning_offsets(list(lost)), within)
+        async with asyncio.timeout(within):
+            starts = await consumer.beginning_offsets(list(lost))
         now = now_ns()
         for tp, (cause, detail) in lost.items():
             begin = starts[tp]
@@ -1168,7 +1174,12 @@ class CloudService:
             await self._create_topics()  # a broker that lost its log may have lost topics too
         causes = sorted({cause for cause, _ in lost.values()})
         where = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(lost))
-        self._request_replay(BROADCAST, f"lost log ({', '.join(causes)}) on {where}", "log_lost")
+        self._request_replay(
+            BROADCAST,
+            f"lost log ({', '.join(causes)}) on {where}",
+            "log_lost",
+            [(tp.topic, tp.partition) for tp in sorted(lost)],
+        )
 
     # -- the control topic: acknowledgements and replay requests -----------------------------
 
@@ -1177,8 +1188,12 @@ class CloudService:
             self._acks_pending.setdefault((agent, inc), {})[(topic, partition)] = state
         self._control_wake.set()
 
-    def _request_replay(self, agent: str, reason: str, cause: str) -> None:
-        self._replays_pending.append((agent, reason, cause))
+    def _request_replay(
+        self, agent: str, reason: str, cause: str, parts: list[tuple[str, int]] | None = None
+    ) -> None:
+        """Ask ``agent`` (or every agent) to send again what it holds unconfirmed: what it had
+        sent to ``parts`` (topic, partition), or everything."""
+        self._replays_pending.append((agent, reason, cause, parts))
         self._control_wake.set()
 
     def _check_unconfirmed(self, hb: Heartbeat) -> None:
@@ -1248,33 +1263,39 @@ class CloudService:
         now = now_ns()
         try:
             futures = []
-            for (agent, inc), parts in acks.items():
+            for (agent, inc), state in acks.items():
                 body = encode_applied(
                     agent,
                     inc,
-                    [(t, p, floor, ranges) for (t, p), (floor, ranges) in sorted(parts.items())],
+                    [(t, p, floor, ranges) for (t, p), (floor, ranges) in sorted(state.items())],
                     instance=self.config.instance,
                     ts_ns=now,
                 )
                 futures.append(await producer.send(topic, body, key=agent.encode()))
-            for agent, reason, _cause in replays:
+            for agent, reason, _cause, lost in replays:
                 body = encode_replay(
-                    agent, reason, id=uuid.uuid4().hex, instance=self.config.instance, ts_ns=now
+                    agent,
+                    reason,
+                    id=uuid.uuid4().hex,
+                    instance=self.config.instance,
+                    ts_ns=now,
+                    parts=lost,
                 )
                 futures.append(await producer.send(topic, body, key=agent.encode()))
             if futures:
                 within = self.config.kafka.request_timeout_s + 5
-                await asyncio.wait_for(asyncio.gather(*futures), within)
+                async with asyncio.timeout(within):
+                    await asyncio.gather(*futures)
         except BaseException:
-            for key, parts in acks.items():  # newer state queued meanwhile wins
+            for key, state in acks.items():  # newer state queued meanwhile wins
                 pending = self._acks_pending.setdefault(key, {})
-                for k, v in parts.items():
+                for k, v in state.items():
                     pending.setdefault(k, v)
             self._replays_pending = replays + self._replays_pending
             raise
         self.acks_published += len(acks)
         self.metrics.acks_published.inc(len(acks))
-        for agent, reason, cause in replays:
+        for agent, reason, cause, _parts in replays:
             self.replays_requested += 1
             self.metrics.replay_requests.labels(cause).inc()
             log.warning(

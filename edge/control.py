@@ -35,6 +35,7 @@ from edge.outbox import AppliedAck, Outbox, OutboxError
 from edge.uplink import Uplink, consumer_kwargs
 from shared.control import BROADCAST, ControlError, decode_control
 from shared.topics import Topics
+from shared.wire import Kind
 
 __all__ = ["ControlLink"]
 
@@ -142,8 +143,17 @@ class ControlLink:
             client_id=f"edgeloop-control-{self.agent_id}",
         )
         self._consumer = consumer
-        async with asyncio.timeout(self._within):
-            await consumer.start()
+        # a start cut short leaves aiokafka's bootstrap connection open: on a cancel or a
+        # timeout it is let finish (bounded), so that stop() closes everything it opened
+        starting = asyncio.ensure_future(consumer.start())
+        try:
+            async with asyncio.timeout(self._within):
+                await asyncio.shield(starting)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout(5.0):
+                    await starting
+            raise
         tps = await self._assignment(consumer, topic)
         await self._position(consumer, tps)
         self.connected = True
@@ -153,7 +163,7 @@ class ControlLink:
             got = await consumer.getmany(timeout_ms=500, max_records=1000)
             acks: list[AppliedAck] = []
             positions: dict[int, int] = {}
-            replay: list[str] = []
+            replay: list[tuple[str, list[tuple[Kind, int]] | None]] = []
             for tp, msgs in got.items():
                 for msg in msgs:
                     positions[tp.partition] = msg.offset + 1
@@ -168,8 +178,8 @@ class ControlLink:
                 if gone:
                     self.confirmed += gone
                     self.metrics.applied_batches.inc(gone)
-            for reason in replay:
-                await self._replay("cloud", reason)
+            for reason, parts in replay:
+                await self._replay("cloud", reason, parts)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + LOG_CHECK_INTERVAL
                 if not await self._log_intact(consumer, tps):
@@ -232,7 +242,12 @@ class ControlLink:
                 await self.outbox.apply_acks([], {tp.partition: 0})
         return intact
 
-    def _take(self, value: bytes | None, acks: list[AppliedAck], replay: list[str]) -> None:
+    def _take(
+        self,
+        value: bytes | None,
+        acks: list[AppliedAck],
+        replay: list[tuple[str, list[tuple[Kind, int]] | None]],
+    ) -> None:
         try:
             msg = decode_control(value)
         except ControlError as exc:
@@ -246,7 +261,14 @@ class ControlLink:
                 return
             if msg.id:
                 self._replay_ids.add(msg.id)
-            replay.append(msg.reason or "asked by the cloud")
+            parts: list[tuple[Kind, int]] | None = None
+            if msg.replay_parts is not None:
+                parts = []
+                for topic, partition in msg.replay_parts:
+                    kind = self.topics.kind_of(topic)
+                    if kind is not None:
+                        parts.append((kind, partition))
+            replay.append((msg.reason or "asked by the cloud", parts))
             return
         for part in msg.parts:
             kind = self.topics.kind_of(part.topic)
@@ -254,8 +276,10 @@ class ControlLink:
                 continue
             acks.append(AppliedAck(msg.incarnation, kind, part.partition, part.floor, part.ranges))
 
-    async def _replay(self, cause: str, reason: str) -> None:
-        n = await self.outbox.requeue()
+    async def _replay(
+        self, cause: str, reason: str, parts: list[tuple[Kind, int]] | None = None
+    ) -> None:
+        n = await self.outbox.requeue(parts)
         self.replays += 1
         if cause != "cloud":
             self.log_losses += 1

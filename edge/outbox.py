@@ -94,7 +94,8 @@ CREATE TABLE IF NOT EXISTS dropped (
 );
 """
 #: columns added with the end-to-end acknowledgement (ALTER TABLE on an older outbox file):
-#: sent = 1 once the broker acked (part/off: where it went; sends: how often; sent_ns: when)
+#: sent = 1 once the broker acked (part/off: where it went last; sends: how often; sent_ns: when
+#: the broker first acked it)
 _ADDED_COLUMNS = (
     ("sent", "INTEGER NOT NULL DEFAULT 0"),
     ("part", "INTEGER"),
@@ -699,14 +700,12 @@ class Outbox:
         now = time.time_ns()
 
         def write(db: sqlite3.Connection) -> tuple[int, int]:
-            marked = 0
-            for b in sent:
-                cur = db.execute(
-                    "UPDATE batches SET sent = 1, part = ?, off = ?, sends = sends + 1, "
-                    "sent_ns = ? WHERE seq = ? AND sent = 0",
-                    (b.partition, b.offset, now, b.seq),
-                )
-                marked += cur.rowcount
+            cur = db.executemany(
+                "UPDATE batches SET sent = 1, part = ?, off = ?, sends = sends + 1, "
+                "sent_ns = COALESCE(sent_ns, ?) WHERE seq = ? AND sent = 0",
+                [(b.partition, b.offset, now, b.seq) for b in sent],
+            )
+            marked = cur.rowcount
             lowest: dict[tuple[int, int], int] = {}
             for b in sent:
                 key = (int(b.kind), b.partition)
@@ -815,17 +814,25 @@ class Outbox:
         self._forget(b, n, size, sent)
         return b
 
-    async def requeue(self) -> int:
-        """Send every sent-but-unconfirmed batch again (the cloud asked for a replay)."""
-        return await self._call(self._requeue)
+    async def requeue(self, parts: Sequence[tuple[Kind, int]] | None = None) -> int:
+        """Send sent-but-unconfirmed batches again (a replay): those that went to one of
+        ``parts`` (kind, partition), or all of them."""
+        return await self._call(self._requeue, None if parts is None else list(parts))
 
-    def _requeue(self) -> int:
-        n = self._tx(
-            lambda db: db.execute("UPDATE batches SET sent = 0 WHERE sent = 1").rowcount, "replay"
-        )
+    def _requeue(self, parts: list[tuple[Kind, int]] | None) -> int:
+        def write(db: sqlite3.Connection) -> int:
+            if parts is None:
+                return int(db.execute("UPDATE batches SET sent = 0 WHERE sent = 1").rowcount)
+            cur = db.executemany(
+                "UPDATE batches SET sent = 0 WHERE sent = 1 AND kind = ? AND part = ?",
+                [(int(k), p) for k, p in parts],
+            )
+            return int(cur.rowcount)
+
+        n = self._tx(write, "replay")
         self.unacked -= n
         self.requeued += n
-        return int(n)
+        return n
 
     async def control_positions(self) -> dict[int, int]:
         """The control topic's next offset per partition, as last stored."""
@@ -845,7 +852,10 @@ class Outbox:
     def _stats(self) -> OutboxStats:
         db = self.db
         row = db.execute("SELECT created_ns FROM batches ORDER BY seq LIMIT 1").fetchone()
-        unacked = db.execute("SELECT MIN(sent_ns) FROM batches WHERE sent = 1").fetchone()
+        # the oldest by number: it went out first (a scan in key order stops at the first)
+        unacked = db.execute(
+            "SELECT sent_ns FROM batches WHERE sent = 1 ORDER BY seq LIMIT 1"
+        ).fetchone()
         return OutboxStats(
             self.records,
             self.batches,

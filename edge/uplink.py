@@ -143,20 +143,27 @@ class Uplink:
         """New rows are in the outbox."""
         self._wake.set()
 
+    # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel that arrives
+    # as the awaited call completes, and a swallowed cancel left stop() waiting for a loop
+    # that went on retrying
+
     async def _close_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), 5.0)
+                async with asyncio.timeout(5.0):
+                    await producer.stop()
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
             producer = AIOKafkaProducer(**producer_kwargs(self.cfg))
             try:
-                await asyncio.wait_for(producer.start(), self.cfg.request_timeout_ms / 1000 + 5)
+                async with asyncio.timeout(self.cfg.request_timeout_ms / 1000 + 5):
+                    await producer.start()
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(producer.stop(), 5.0)
+                    async with asyncio.timeout(5.0):
+                        await producer.stop()
                 raise
             self._producer = producer
         return self._producer
@@ -175,6 +182,8 @@ class Uplink:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("uplink: %s; retrying in %.1fs", self.last_error, delay)
                 await self._close_producer()
+                if self._stopping:
+                    return  # stop() gave up flushing: the outbox keeps the rest
                 await asyncio.sleep(delay * random.uniform(0.9, 1.1))
                 delay = min(delay * 2, self.cfg.backoff.max)
                 continue
@@ -184,7 +193,8 @@ class Uplink:
                     return
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                    async with asyncio.timeout(0.5):
+                        await self._wake.wait()
 
     async def _round(self) -> int:
         batches = await self.outbox.claim(max_batches=self.cfg.max_in_flight)
@@ -199,8 +209,8 @@ class Uplink:
                 self.topics.for_kind(b.kind), value=b.payload, key=b.asset.encode(), headers=headers
             )
             futures.append(fut)
-        timeout = self.cfg.request_timeout_ms / 1000 * 2 + 5
-        results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
+        async with asyncio.timeout(self.cfg.request_timeout_ms / 1000 * 2 + 5):
+            results = await asyncio.gather(*futures, return_exceptions=True)
         ok: list[tuple[ClaimedBatch, Any]] = [
             (b, r)
             for b, r in zip(batches, results, strict=True)

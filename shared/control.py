@@ -19,10 +19,12 @@ repaired by the next one.
 ``replay`` — send again what is not confirmed. The cloud found a gap it cannot close from the
 broker (its log was lost, truncated or replaced)::
 
-    {"v": 1, "type": "replay", "agent_id": "*", "reason": "...", "id": "...", "ts_ns": ...}
+    {"v": 1, "type": "replay", "agent_id": "*", "reason": "...", "id": "...", "ts_ns": ...,
+     "parts": [["edgeloop.telemetry", 3], ...]}
 
-An agent answering a replay re-sends every batch it holds that the cloud has not confirmed;
-the cloud drops what it had already applied by the batch identity.
+An agent answering a replay re-sends every batch it holds that the cloud has not confirmed and
+that it had sent to one of ``parts`` (all of them when ``parts`` is absent); the cloud drops what
+it had already applied by the batch identity.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class ControlMessage:
     reason: str = ""
     id: str = ""
     ts_ns: int = 0
+    #: replay: the (topic, partition)s whose log was lost; None: everything unconfirmed
+    replay_parts: tuple[tuple[str, int], ...] | None = None
 
 
 def encode_ranges(seqs: Sequence[int]) -> str:
@@ -124,8 +128,16 @@ def encode_applied(
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def encode_replay(agent_id: str, reason: str, *, id: str, instance: str, ts_ns: int) -> bytes:
-    doc = {
+def encode_replay(
+    agent_id: str,
+    reason: str,
+    *,
+    id: str,
+    instance: str,
+    ts_ns: int,
+    parts: Sequence[tuple[str, int]] | None = None,
+) -> bytes:
+    doc: dict[str, Any] = {
         "v": _VERSION,
         "type": "replay",
         "agent_id": agent_id,
@@ -134,6 +146,8 @@ def encode_replay(agent_id: str, reason: str, *, id: str, instance: str, ts_ns: 
         "instance": instance,
         "ts_ns": ts_ns,
     }
+    if parts is not None:
+        doc["parts"] = [list(p) for p in parts]
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -161,18 +175,32 @@ def decode_control(data: bytes | None) -> ControlMessage:
     ts = doc.get("ts_ns", 0)
     ts = ts if isinstance(ts, int) and not isinstance(ts, bool) else 0
     if kind == "replay":
+        raw_parts = doc.get("parts")
+        parts: tuple[tuple[str, int], ...] | None = None
+        if raw_parts is not None:
+            if not isinstance(raw_parts, list) or not all(
+                isinstance(p, list)
+                and len(p) == 2
+                and isinstance(p[0], str)
+                and isinstance(p[1], int)
+                and not isinstance(p[1], bool)
+                for p in raw_parts
+            ):
+                raise ControlError(f"bad replay parts {raw_parts!r}"[:200])
+            parts = tuple((p[0], p[1]) for p in raw_parts)
         return ControlMessage(
             "replay",
             agent,
             reason=str(doc.get("reason", ""))[:500],
             id=str(doc.get("id", ""))[:100],
             ts_ns=ts,
+            replay_parts=parts,
         )
     if kind != "applied":
         raise ControlError(f"unknown control message type {kind!r}")
     incarnation = _need(doc, "incarnation", str)
     raw = _need(doc, "parts", list)
-    parts: list[AppliedPart] = []
+    applied: list[AppliedPart] = []
     for p in raw:
         if (
             not isinstance(p, list)
@@ -182,5 +210,5 @@ def decode_control(data: bytes | None) -> ControlMessage:
             or not isinstance(p[3], str)
         ):
             raise ControlError(f"bad part {p!r}"[:200])
-        parts.append(AppliedPart(p[0], p[1], p[2], decode_ranges(p[3])))
-    return ControlMessage("applied", agent, incarnation, tuple(parts), ts_ns=ts)
+        applied.append(AppliedPart(p[0], p[1], p[2], decode_ranges(p[3])))
+    return ControlMessage("applied", agent, incarnation, tuple(applied), ts_ns=ts)

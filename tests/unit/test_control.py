@@ -41,6 +41,11 @@ def test_applied_message_round_trips():
 def test_replay_message_round_trips():
     msg = decode_control(encode_replay("*", "lost log", id="abc", instance="c", ts_ns=7))
     assert (msg.type, msg.agent_id, msg.reason, msg.id) == ("replay", "*", "lost log", "abc")
+    assert msg.replay_parts is None  # everything unconfirmed
+    msg = decode_control(
+        encode_replay("gw", "x", id="d", instance="c", ts_ns=7, parts=[("p.telemetry", 3)])
+    )
+    assert msg.replay_parts == (("p.telemetry", 3),)
 
 
 @pytest.mark.parametrize(

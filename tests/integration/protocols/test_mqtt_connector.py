@@ -271,7 +271,7 @@ async def test_malformed_payloads_are_dead_lettered_with_their_reason(mqtt_broke
     assert "found nothing" in reasons[2]
     assert "expected a scalar value, got list" in reasons[3]
     assert (
-        lines[4]["topic"] == "dl/a/j/line1" and lines[4]["payload"] == '{"v": 1, "ts": "tomorrow"}'
+        lines[4]["source"] == "dl/a/j/line1" and lines[4]["payload"] == '{"v": 1, "ts": "tomorrow"}'
     )
 
 

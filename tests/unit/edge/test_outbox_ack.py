@@ -170,3 +170,19 @@ async def test_an_outbox_of_an_older_version_keeps_its_batches_under_the_old_ide
         await ob.append(readings(1))
         (b,) = await ob.claim(max_batches=10)
         assert b.seq == 8 and decode_batch(b.payload).incarnation == ob.incarnation
+
+
+async def test_a_replay_of_some_partitions_sends_only_what_went_there(tmp_path):
+    async with outbox(tmp_path / "o.db") as ob:
+        await ob.append(readings(20, "m1"))  # batches 1, 2
+        await ob.append(readings(20, "m2"))  # batches 3, 4
+        claimed = await ob.claim(max_batches=10)
+        await ob.mark_sent(
+            [
+                SentBatch(b.seq, b.kind, 0 if b.asset == "m1" else 1, i)
+                for i, b in enumerate(claimed)
+            ]
+        )
+        assert await ob.requeue([(Kind.READING, 1), (Kind.FRAME, 0)]) == 2
+        assert [b.seq for b in await ob.claim(max_batches=10)] == [3, 4]
+        assert ob.unacked == 2
