@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
 import click
 
 from shared.config import ConfigError
+from shared.supervision import wait_for_stop
 
 __all__ = ["cloud"]
 
@@ -28,39 +28,21 @@ async def run_service(config_path: Path) -> int:
     from cloud.service import CloudService
 
     config = load_cloud_config(config_path)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with CloudService(config) as svc:
-            where = f"http://{config.api.host}:{svc.api_port}" if svc.api_port else "disabled"
-            log.info(
-                "edgeloop cloud %r: consuming %s on %s as group %r; API %s",
-                config.instance,
-                config.kafka.topic_prefix + ".*",
-                config.kafka.bootstrap_servers,
-                config.kafka.group_id,
-                where,
-            )
-            waits = {
-                asyncio.create_task(stop.wait(), name="cloud-run:signal"),
-                asyncio.create_task(svc.failed.wait(), name="cloud-run:failure"),
-            }
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in waits:
-                    task.cancel()
-                await asyncio.gather(*waits, return_exceptions=True)
-            if svc.failure is not None:
-                log.critical("stopping: %s", svc.failure)
-                return 1
-            log.info("stopping: final checkpoint, then offsets are committed")
-            return 0
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    async with CloudService(config) as svc:
+        where = f"http://{config.api.host}:{svc.api_port}" if svc.api_port else "disabled"
+        log.info(
+            "edgeloop cloud %r: consuming %s on %s as group %r; API %s",
+            config.instance,
+            config.kafka.topic_prefix + ".*",
+            config.kafka.bootstrap_servers,
+            config.kafka.group_id,
+            where,
+        )
+        if await wait_for_stop(svc.failed):
+            log.critical("stopping: %s", svc.failure)
+            return 1
+        log.info("stopping: final checkpoint, then offsets are committed")
+        return 0
 
 
 @cloud.command("run")

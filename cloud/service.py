@@ -55,6 +55,7 @@ from cloud.learning import ModelLearner, PromotionDecision
 from cloud.registry import Registry, VersionEntry
 from shared.control import BROADCAST, encode_applied, encode_replay
 from shared.records import Event, Frame, Heartbeat, Label, Severity, dead_letter_event, now_ns
+from shared.supervision import Supervisor
 from shared.wire import Batch, Kind, WireDecodeError, decode_batch
 
 __all__ = ["CloudService", "PromotionHook", "kafka_client_options"]
@@ -228,9 +229,13 @@ class CloudService:
         self.acks_published = 0
         self.replays_requested = 0
         self.control_error: str | None = None
-        #: set when a core task died: the service is failing and its process must exit non-zero
-        self.failure: str | None = None
-        self.failed = asyncio.Event()
+        #: a core task that dies makes the service failing (its process exits non-zero)
+        self.supervisor = Supervisor(
+            "cloud service",
+            log,
+            stopping=lambda: self._state != "started",
+            on_fail=lambda: self.metrics.failed.set(1),
+        )
         self._agents_dirty: set[str] = set()
         self._events: list[tuple[str, Event]] = []
         self._since_checkpoint = 0
@@ -320,9 +325,7 @@ class CloudService:
                 await self._start_api()
             if self.delivery is not None:
                 await self.delivery.start()
-            for task in [*self._tasks, self._api_task]:
-                if task is not None:
-                    task.add_done_callback(self._task_done)
+            self.supervisor.watch([*self._tasks, self._api_task])
         except BaseException:
             await self.stop()
             raise
@@ -1304,27 +1307,14 @@ class CloudService:
 
     # -- supervision and health ----------------------------------------------------------------
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        """A core task ended: cancelled or returned is how the loops end when asked to; an
-        exception is a death."""
-        if task.cancelled() or self._state != "started":
-            return
-        exc = task.exception()
-        if exc is not None:
-            self.fail(f"core task {task.get_name()} died ({type(exc).__name__}: {exc})", exc)
+    @property
+    def failure(self) -> str | None:
+        """Why the service is failing (a core task died), or None."""
+        return self.supervisor.failure
 
-    def fail(self, reason: str, exc: BaseException | None = None) -> None:
-        """The service cannot go on as it is: ``/healthz`` says failing, ``cloud run`` exits 1."""
-        if self.failure is not None:
-            return
-        self.failure = reason
-        self.metrics.failed.set(1)
-        log.critical(
-            "%s; the service is failing and exits so that its supervisor restarts it",
-            reason,
-            exc_info=exc,
-        )
-        self.failed.set()
+    @property
+    def failed(self) -> asyncio.Event:
+        return self.supervisor.failed
 
     def health(self) -> dict[str, Any]:
         """What ``/healthz`` answers: ok | degraded | failing, and why."""

@@ -66,6 +66,7 @@ from shared.records import (
     dead_letter_event,
     now_ns,
 )
+from shared.supervision import Supervisor
 
 __all__ = ["Agent", "build_connector"]
 
@@ -147,9 +148,13 @@ class Agent:
         self._emitted: list[Record] = []  # records from model sync, committed with the next tick
         self._dead: list[Event] = []  # connectors' dead letters, committed with the next tick
         self.dead_letters = 0
-        #: set when a core task died: the agent is failing and its process must exit non-zero
-        self.failure: str | None = None
-        self.failed = asyncio.Event()
+        #: a core task that dies makes the agent failing (its process exits non-zero)
+        self.supervisor = Supervisor(
+            "agent",
+            log,
+            stopping=lambda: self._stopping,
+            on_fail=lambda: self.metrics.failed.set(1),
+        )
         self.tick_errors = 0
         self._unacked_age = 0.0
         self._last_tick_error: tuple[float, str] | None = None
@@ -216,8 +221,7 @@ class Agent:
                 asyncio.create_task(self._tick_loop(), name=f"agent:{self.agent_id}:tick"),
                 asyncio.create_task(self._house_loop(), name=f"agent:{self.agent_id}:house"),
             ]
-            for task in self._core_tasks():
-                task.add_done_callback(self._task_done)
+            self.supervisor.watch(self._core_tasks())
         except BaseException:
             await self.stop()
             raise
@@ -287,27 +291,14 @@ class Agent:
             tasks += self.model_sync.tasks()
         return tasks
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        """A core task ended: cancelled or returned is how the loops end when asked to; an
-        exception is a death."""
-        if task.cancelled() or self._stopping:
-            return
-        exc = task.exception()
-        if exc is not None:
-            self.fail(f"core task {task.get_name()} died ({type(exc).__name__}: {exc})", exc)
+    @property
+    def failure(self) -> str | None:
+        """Why the agent is failing (a core task died), or None."""
+        return self.supervisor.failure
 
-    def fail(self, reason: str, exc: BaseException | None = None) -> None:
-        """The agent cannot go on as it is: ``/healthz`` says failing, ``edge run`` exits 1."""
-        if self.failure is not None:
-            return
-        self.failure = reason
-        self.metrics.failed.set(1)
-        log.critical(
-            "%s; the agent is failing and exits so that its supervisor (systemd) restarts it",
-            reason,
-            exc_info=exc,
-        )
-        self.failed.set()
+    @property
+    def failed(self) -> asyncio.Event:
+        return self.supervisor.failed
 
     def _dead_letters(self, connector: str, letters: Sequence[DeadLetter]) -> None:
         """A connector's dead letters: stored as events with the next tick (before any ack)."""

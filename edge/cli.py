@@ -8,9 +8,7 @@ the outbox holds (the rest stays in the outbox for the next start).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from pathlib import Path
 
 import click
@@ -18,6 +16,7 @@ import click
 from edge.config import EdgeConfigBase, load_edge_config
 from edge.logs import JsonFormatter, setup_logging
 from shared.config import ConfigError
+from shared.supervision import wait_for_stop
 
 __all__ = ["JsonFormatter", "edge", "setup_logging"]
 
@@ -27,35 +26,18 @@ async def run_agent(config: EdgeConfigBase, flush_timeout: float) -> int:
     failing; systemd's ``Restart=on-failure`` brings it back)."""
     from edge.agent import Agent
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     agent = Agent(config)
     log = logging.getLogger("edge")
     try:
         await agent.start()
         if agent.http is not None:
             log.info("health and metrics on http://%s:%d", config.http.host, agent.http.port)
-        waits = {
-            asyncio.create_task(stop.wait(), name="edge-run:signal"),
-            asyncio.create_task(agent.failed.wait(), name="edge-run:failure"),
-        }
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waits:
-                task.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-        if agent.failure is not None:
+        if await wait_for_stop(agent.failed):
             log.critical("stopping: %s", agent.failure)
         else:
             log.info("signal received; stopping")
     finally:
         await agent.stop(flush_timeout=flush_timeout)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
     return 1 if agent.failure is not None else 0
 
 
