@@ -54,6 +54,7 @@ from cloud.join import JoinBuffer
 from cloud.learning import ModelLearner, PromotionDecision
 from cloud.registry import Registry, VersionEntry
 from shared.control import BROADCAST, encode_applied, encode_replay
+from shared.logcheck import LogEndWatch, log_ends
 from shared.records import Event, Frame, Heartbeat, Label, Severity, dead_letter_event, now_ns
 from shared.supervision import Supervisor
 from shared.wire import Batch, Kind, WireDecodeError, decode_batch
@@ -245,6 +246,7 @@ class CloudService:
         self._models_lock = asyncio.Lock()
         self._checkpoint_lock = asyncio.Lock()
         self._rebalance_lock = asyncio.Lock()
+        self._ends_watch = LogEndWatch()
         self._stopping = asyncio.Event()
         self._state = "new"  # new -> started -> stopped
         self._server: Any = None
@@ -1020,6 +1022,7 @@ class CloudService:
                 self._positions.pop(tp, None)
                 self._marks.pop(tp, None)
                 self._verify.pop(tp, None)
+            self._ends_watch.forget(revoked)
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self._rebalance_lock:
@@ -1039,7 +1042,7 @@ class CloudService:
             within = self.config.kafka.request_timeout_s + 5
             async with asyncio.timeout(within):
                 starts = await consumer.beginning_offsets(tps)
-                ends = await consumer.end_offsets(tps)
+                ends = await log_ends(consumer, tps)
             for tp in tps:
                 async with asyncio.timeout(within):
                     committed = await consumer.committed(tp)
@@ -1108,9 +1111,9 @@ class CloudService:
 
     async def _check_log_ends(self) -> None:
         """A log end below what was already consumed (or below the position a partition was
-        resumed at): the broker lost acknowledged records. Asked of the broker directly
-        (ListOffsets), not read from the last fetch response, which a consumer parked beyond
-        the end of a shorter log may never get."""
+        resumed at), twice at the same position: the broker lost acknowledged records. The end
+        is the larger of a ListOffsets answer and the last fetch response's high watermark
+        (:mod:`shared.logcheck`)."""
         consumer = self._consumer
         if consumer is None:
             return
@@ -1120,18 +1123,21 @@ class CloudService:
         within = self.config.kafka.request_timeout_s + 5
         try:
             async with asyncio.timeout(within):
-                ends = await consumer.end_offsets(tps)
+                ends = await log_ends(consumer, tps, tries=1)
         except (KafkaError, TimeoutError) as exc:
             log.debug("log end check skipped: %s", exc)
             return
-        lost: dict[TopicPartition, tuple[str, str]] = {}
-        for tp in tps:
-            pos = self._positions.get(tp)
-            end = ends.get(tp)
-            if pos is not None and end is not None and end < pos:
-                lost[tp] = ("end_moved_back", f"the log ends at {end}, before offset {pos}")
-        if lost:
-            await self._log_lost(lost)
+        short = self._ends_watch.check({tp: self._positions[tp] for tp in tps}, ends)
+        if short:
+            await self._log_lost(
+                {
+                    tp: (
+                        "end_moved_back",
+                        f"the log ends at {ends[tp]}, before offset {self._positions[tp]}",
+                    )
+                    for tp in short
+                }
+            )
 
     async def _log_lost(self, lost: dict[TopicPartition, tuple[str, str]]) -> None:
         """Resume each partition from what the broker still has; ask the agents to replay."""
@@ -1142,6 +1148,7 @@ class CloudService:
         async with asyncio.timeout(within):
             starts = await consumer.beginning_offsets(list(lost))
         now = now_ns()
+        self._ends_watch.forget(lost)
         for tp, (cause, detail) in lost.items():
             begin = starts[tp]
             consumer.seek(tp, begin)

@@ -34,6 +34,7 @@ from edge.metrics import EdgeMetrics
 from edge.outbox import AppliedAck, Outbox, OutboxError
 from edge.uplink import Uplink, consumer_kwargs
 from shared.control import BROADCAST, ControlError, decode_control
+from shared.logcheck import LogEndWatch, log_ends
 from shared.topics import Topics
 from shared.wire import Kind
 
@@ -69,6 +70,7 @@ class ControlLink:
         self.unreadable = 0
         self.last_ack_at: float | None = None
         self._replay_ids: set[str] = set()
+        self._ends_watch = LogEndWatch()
 
     async def start(self) -> None:
         if self._task is None:
@@ -197,7 +199,7 @@ class ControlLink:
         stored = await self.outbox.control_positions()
         async with asyncio.timeout(self._within):
             starts = await consumer.beginning_offsets(tps)
-            ends = await consumer.end_offsets(tps)
+            ends = await log_ends(consumer, tps)
         lost = False
         for tp in tps:
             pos = stored.get(tp.partition)
@@ -222,25 +224,24 @@ class ControlLink:
             await self._replay("control_log_lost", "the control topic's log was lost")
 
     async def _log_intact(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> bool:
-        """False when a partition's log now ends before what this consumer already read."""
+        """False when a partition's log ends before what this consumer already read (found
+        twice at the same position: :mod:`shared.logcheck`)."""
         async with asyncio.timeout(self._within):
-            ends = await consumer.end_offsets(tps)
-        intact = True
-        for tp in tps:
-            pos = await consumer.position(tp)
-            if ends[tp] < pos:
-                intact = False
-                log.error(
-                    "control topic %s[%d] ends at %d, before offset %d already read: the broker "
-                    "lost its log; re-sending every batch the cloud has not confirmed",
-                    tp.topic,
-                    tp.partition,
-                    ends[tp],
-                    pos,
-                )
-                consumer.seek(tp, 0)
-                await self.outbox.apply_acks([], {tp.partition: 0})
-        return intact
+            ends = await log_ends(consumer, tps, tries=1)
+        positions = {tp: await consumer.position(tp) for tp in tps}
+        short = self._ends_watch.check(positions, ends)
+        for tp in short:
+            log.error(
+                "control topic %s[%d] ends at %d, before offset %d already read: the broker "
+                "lost its log; re-sending every batch the cloud has not confirmed",
+                tp.topic,
+                tp.partition,
+                ends[tp],
+                positions[tp],
+            )
+            consumer.seek(tp, 0)
+            await self.outbox.apply_acks([], {tp.partition: 0})
+        return not short
 
     def _take(
         self,

@@ -85,7 +85,8 @@ def test_template_match_inverts_format_and_filter_matches(levels, data):
     fields = {f"f{i}": lv for i, (lv, c) in enumerate(zip(levels, captured, strict=True)) if c}
     topic = template.format(fields)
     assert template.match(topic) == fields
-    assert topic_matches_sub(template.filter, topic)
+    if not topic.startswith("$"):  # MQTT: wildcards never match a topic beginning with $
+        assert topic_matches_sub(template.filter, topic)
 
 
 def test_name_template_formats_fields_and_literals():
