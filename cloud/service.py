@@ -247,6 +247,8 @@ class CloudService:
         self._checkpoint_lock = asyncio.Lock()
         self._rebalance_lock = asyncio.Lock()
         self._ends_watch = LogEndWatch()
+        #: partitions resumed at a committed offset beyond the log end the broker gave
+        self._parked: dict[TopicPartition, str] = {}
         self._stopping = asyncio.Event()
         self._state = "new"  # new -> started -> stopped
         self._server: Any = None
@@ -1023,6 +1025,8 @@ class CloudService:
                 self._marks.pop(tp, None)
                 self._verify.pop(tp, None)
             self._ends_watch.forget(revoked)
+            for tp in revoked:
+                self._parked.pop(tp, None)
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self._rebalance_lock:
@@ -1052,12 +1056,13 @@ class CloudService:
                 begin, end = starts[tp], ends[tp]
                 if committed is None:
                     self._seek_fresh(consumer, tp, begin, end)
-                elif committed > end:
-                    lost[tp] = (
-                        "beyond_end",
-                        f"committed offset {committed} is beyond the log end {end}",
-                    )
-                elif committed < begin:
+                    continue
+                if committed > end:
+                    # most likely a lost log, but a broker may answer ListOffsets with a stale
+                    # end: the partition is parked at its position and the log-end watch
+                    # decides on its next two checks (a healthy log lets it move on)
+                    self._parked[tp] = "beyond_end"
+                if committed < begin:
                     lost[tp] = (
                         "before_start",
                         f"committed offset {committed} is before the log start {begin} "
@@ -1073,6 +1078,8 @@ class CloudService:
         log.info("assigned %d partitions (%d dedupe records loaded)", len(assigned), len(loaded))
         if lost:
             await self._log_lost(lost)
+        if self._parked:
+            await self._check_log_ends()  # the first of the two sightings, now
 
     def _seek_fresh(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, begin: int, end: int
@@ -1128,11 +1135,14 @@ class CloudService:
             log.debug("log end check skipped: %s", exc)
             return
         short = self._ends_watch.check({tp: self._positions[tp] for tp in tps}, ends)
+        for tp in tps:
+            if tp not in short and ends.get(tp, -1) >= self._positions[tp]:
+                self._parked.pop(tp, None)  # the log reaches the position: it was a stale answer
         if short:
             await self._log_lost(
                 {
                     tp: (
-                        "end_moved_back",
+                        self._parked.pop(tp, "end_moved_back"),
                         f"the log ends at {ends[tp]}, before offset {self._positions[tp]}",
                     )
                     for tp in short
@@ -1149,6 +1159,8 @@ class CloudService:
             starts = await consumer.beginning_offsets(list(lost))
         now = now_ns()
         self._ends_watch.forget(lost)
+        for tp in lost:
+            self._parked.pop(tp, None)
         for tp, (cause, detail) in lost.items():
             begin = starts[tp]
             consumer.seek(tp, begin)

@@ -8,12 +8,14 @@ broker answers ListOffsets with stale, too-low ends under concurrent produce (me
 1,200 checks below the position while nothing was lost), and a fetch response can be older than
 the position — so :class:`LogEndWatch` takes the larger of the two and calls a partition short
 only when it is found short twice in a row at the same position: a consumer parked beyond the end
-of a shorter log does not move, one reading a healthy log does.
+of a shorter log does not move, one reading a healthy log does. The two sightings must be at
+least ``min_interval`` seconds apart, so that a healthy consumer had time to move on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -45,22 +47,28 @@ async def log_ends(
 class LogEndWatch:
     """Partitions whose log ended below their position on two checks in a row."""
 
-    def __init__(self) -> None:
-        self._suspects: dict[Any, int] = {}  # partition -> position when first found short
+    def __init__(self, min_interval: float = 1.0) -> None:
+        self.min_interval = min_interval
+        #: partition -> (position, monotonic time) when first found short
+        self._suspects: dict[Any, tuple[int, float]] = {}
 
-    def check(self, positions: Mapping[TP, int], ends: Mapping[TP, int]) -> list[TP]:
+    def check(
+        self, positions: Mapping[TP, int], ends: Mapping[TP, int], now: float | None = None
+    ) -> list[TP]:
         """Feed one observation; returns the partitions now known short (forgotten then)."""
+        now = time.monotonic() if now is None else now
         short: list[TP] = []
         for tp, pos in positions.items():
             end = ends.get(tp)
             if end is None or end >= pos:
                 self._suspects.pop(tp, None)
                 continue
-            if self._suspects.get(tp) == pos:
+            seen = self._suspects.get(tp)
+            if seen is None or seen[0] != pos:
+                self._suspects[tp] = (pos, now)
+            elif now - seen[1] >= self.min_interval:
                 short.append(tp)
                 del self._suspects[tp]
-            else:
-                self._suspects[tp] = pos
         return short
 
     def forget(self, tps: Iterable[Any]) -> None:

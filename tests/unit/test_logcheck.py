@@ -6,18 +6,19 @@ from shared.logcheck import LogEndWatch, log_ends
 
 
 def test_a_short_log_is_reported_on_the_second_sighting_at_the_same_position():
-    w = LogEndWatch()
-    assert w.check({"a": 50, "b": 10}, {"a": 16, "b": 10}) == []  # a: first sighting
-    assert w.check({"a": 50, "b": 10}, {"a": 16, "b": 12}) == ["a"]
-    assert w.check({"a": 50}, {"a": 16}) == []  # reported once, then watched afresh
+    w = LogEndWatch(min_interval=1.0)
+    assert w.check({"a": 50, "b": 10}, {"a": 16, "b": 10}, now=0.0) == []  # a: first sighting
+    assert w.check({"a": 50, "b": 10}, {"a": 16, "b": 12}, now=0.5) == []  # too soon to tell
+    assert w.check({"a": 50, "b": 10}, {"a": 16, "b": 12}, now=1.0) == ["a"]
+    assert w.check({"a": 50}, {"a": 16}, now=1.1) == []  # reported once, then watched afresh
 
 
 def test_a_consumer_that_moves_on_was_reading_a_healthy_log():
-    w = LogEndWatch()
-    assert w.check({"a": 50}, {"a": 40}) == []  # a stale answer
-    assert w.check({"a": 61}, {"a": 55}) == []  # another, but the position moved: data flows
-    assert w.check({"a": 61}, {"a": 70}) == []  # and the end is back above it
-    assert w.check({"a": 61}, {"a": 40}) == []  # a new suspicion starts from scratch
+    w = LogEndWatch(min_interval=1.0)
+    assert w.check({"a": 50}, {"a": 40}, now=0) == []  # a stale answer
+    assert w.check({"a": 61}, {"a": 55}, now=2) == []  # another, but the position moved
+    assert w.check({"a": 61}, {"a": 70}, now=4) == []  # and the end is back above it
+    assert w.check({"a": 61}, {"a": 40}, now=6) == []  # a new suspicion starts from scratch
 
 
 class _Consumer:
