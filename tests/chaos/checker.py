@@ -95,6 +95,16 @@ class OutboxFile:
             for s in range(lo, hi + 1)
         }
 
+    def unsent_values(self, asset: str, tag: str) -> set[Any]:
+        """Values of (asset, tag) readings in the batches this file holds unsent."""
+        return {
+            r.value
+            for b in self.held.values()
+            if not b.sent and b.kind is Kind.READING
+            for r in decode_batch(b.payload).records
+            if isinstance(r, Reading) and r.asset == asset and r.tag == tag
+        }
+
     @property
     def dropped_records(self) -> int:
         return sum(r for _, _, _, r in self.dropped)

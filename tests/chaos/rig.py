@@ -22,7 +22,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -142,11 +141,6 @@ class Child:
         p.stdin.write(line.encode() + b"\n")
         p.stdin.flush()
 
-    def signal(self, sig: int) -> None:
-        p = self.proc
-        assert p is not None and p.poll() is None, f"{self.name} is not running"
-        os.kill(p.pid, sig)
-
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL of its process group after ``timeout``; the exit code of the
         process (None when it was not running). Harmless when already stopped."""
@@ -222,7 +216,7 @@ class Rig:
     agent: Child | None = None
     ledger: WireLedger | None = None
     seq: SeqPublisher | None = None
-    #: every agent state directory wiped during the run: (copy of it, when)
+    #: copies of the agent state directories wiped during the run (for the checker)
     wiped: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: moments a scenario wants to refer to later (time.time_ns())
@@ -251,9 +245,9 @@ class Rig:
         the agent, the ledger sees the numbered stream)."""
         t0 = time.monotonic()
         self.tansu = TansuBroker()
-        self.tansu.start()
+        await asyncio.to_thread(self.tansu.start)
         self.mosquitto = MosquittoBroker()
-        self.mosquitto.start()
+        await asyncio.to_thread(self.mosquitto.start)
         self.sim = Child(
             "sim",
             [
@@ -303,12 +297,15 @@ class Rig:
             self.logs / "cloud.log",
         )
         self.cloud.start()
+        sim = self.sim
         await wait_until(
-            lambda: _port_open(self.modbus_port) and _port_open(self.opcua_port),
+            lambda: (_port_open(self.modbus_port) and _port_open(self.opcua_port)) or not sim.alive,
             60,
             "the simulator's servers",
             poll=0.2,
         )
+        if not sim.alive:
+            raise RuntimeError(f"the simulator exited on start:\n{sim.log_tail()}")
         if self.device is not None:
             await wait_until(
                 lambda: "ready" in self.device.log_text() if self.device else False,
@@ -688,6 +685,3 @@ class Rig:
     def step(self, what: str) -> None:
         log.info("%s", what)
         self.notes.append(f"{time.strftime('%H:%M:%S')} {what}")
-
-
-Condition = Callable[[], bool]

@@ -15,8 +15,8 @@ NEW_INCARNATION_RULE = "edgeloop.new_incarnation"  # cloud.service.NEW_INCARNATI
 async def agent_kills(rig: Rig, quick: bool, rng: random.Random) -> str:
     n = 2 if quick else 10
     for i in range(n):
-        await rig.wait_agent_delivering(20)  # the (restarted) agent is delivering again
-        await under_load(rig, rng.uniform(0.5, 4.0))  # the kill lands anywhere in a tick
+        await rig.wait_agent_delivering(50)  # the (restarted) agent is delivering again
+        await under_load(rig, rng.uniform(0.5, 5.0))  # the kill lands anywhere in a tick
         rig.step(f"SIGKILL agent ({i + 1}/{n}), restart at once")
         await rig.kill_agent()
         rig.start_agent()
