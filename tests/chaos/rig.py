@@ -60,6 +60,9 @@ _POINTS = [
 #: holding registers 100.. of every machine change on every simulator update (load)
 AUX_REGISTERS = 24
 SIM_NS = "urn:edgeloop:simulator"
+#: seconds before a supervised child that exited on its own is started again (systemd's
+#: RestartSec of deploy/systemd/edgeloop-edge.service)
+RESTART_SEC = 5.0
 
 
 @dataclass
@@ -92,6 +95,11 @@ class Child:
         #: exits the rig did not cause (a crash): (return code, time)
         self.unexpected_exits: list[tuple[int, float]] = []
         self._expected_exit = False
+        #: restarted after an exit nobody asked for, as systemd does it for the agent
+        #: (deploy/systemd: Restart=always, RestartSec=5); the exit is recorded all the same
+        self.supervised = False
+        self._restart_at: float | None = None
+        self.restarts = 0
 
     @property
     def pid(self) -> int | None:
@@ -102,7 +110,10 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, stdin: bool = False) -> None:
-        assert not self.alive, f"{self.name} is already running"
+        """Start the process; nothing to do when it runs (a supervisor restarted it)."""
+        if self.alive:
+            return
+        self._restart_at = None
         self._close_log()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self._log.write(f"\n=== chaos: start #{self.starts + 1} of {self.name} ===\n".encode())
@@ -118,16 +129,29 @@ class Child:
         self._expected_exit = False
 
     def check(self) -> None:
-        """Record an exit nobody asked for (called while the rig watches)."""
+        """Record an exit nobody asked for, and restart a supervised child after
+        :data:`RESTART_SEC` (called while the rig watches)."""
         p = self.proc
         if p is not None and not self._expected_exit and p.poll() is not None:
             self.unexpected_exits.append((p.returncode, time.time()))
             self._expected_exit = True  # recorded once
+            log.warning("%s exited on its own with %s", self.name, p.returncode)
+            if self.supervised:
+                self._restart_at = time.monotonic() + RESTART_SEC
+        if self._restart_at is not None and time.monotonic() >= self._restart_at:
+            self._restart_at = None
+            if self.supervised and not self.alive:
+                log.warning("%s restarted by the rig's supervisor", self.name)
+                self.restarts += 1
+                self.start()
 
     def kill(self) -> None:
-        """SIGKILL the process itself (a crash, as its peers see it)."""
+        """SIGKILL the process itself (a crash, as its peers see it); nothing to do when it
+        is not running (it crashed before)."""
         p = self.proc
-        assert p is not None and p.poll() is None, f"{self.name} is not running"
+        self._restart_at = None
+        if p is None or p.poll() is not None:
+            return
         self._expected_exit = True
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=30)
@@ -144,6 +168,8 @@ class Child:
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL of its process group after ``timeout``; the exit code of the
         process (None when it was not running). Harmless when already stopped."""
+        self.supervised = False
+        self._restart_at = None
         p = self.proc
         if p is None:
             return None
@@ -297,6 +323,7 @@ class Rig:
             self.logs / "cloud.log",
         )
         self.cloud.start()
+        self.cloud.supervised = True  # as the cloud's own supervisor would (a Deployment)
         sim = self.sim
         await wait_until(
             lambda: (_port_open(self.modbus_port) and _port_open(self.opcua_port)) or not sim.alive,
@@ -324,6 +351,7 @@ class Rig:
             self.logs / "agent.log",
         )
         self.agent.start()
+        self.agent.supervised = True
         self.seq = SeqPublisher(self.mosquitto.url, f"{PREFIX}/{SEQ_ASSET}/{SEQ_TAG}")
         ledger = self.ledger
         await wait_until(

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.chaos.checker import History, OutboxFile, Row, check, read_applied, read_events
-from tests.chaos.rig import AGENT_ID, SEQ_ASSET, SEQ_TAG, Rig, RigOptions
+from tests.chaos.rig import AGENT_ID, RESTART_SEC, SEQ_ASSET, SEQ_TAG, Rig, RigOptions
 from tests.waiting import wait_until, wait_until_async
 
 log = logging.getLogger("chaos")
@@ -84,7 +84,14 @@ async def run_scenario(
         await rig.close()
         for child in (rig.agent, rig.cloud, rig.sim, rig.device):
             if child is not None and child.unexpected_exits:
-                row.problems.append(f"{child.name} exited on its own: {child.unexpected_exits}")
+                exits = ", ".join(
+                    f"code {code} at {time.strftime('%H:%M:%S', time.localtime(at))}"
+                    for code, at in child.unexpected_exits
+                )
+                again = f" (restarted {child.restarts}x after {RESTART_SEC:g} s)"
+                row.problems.append(
+                    f"{child.name} exited on its own: {exits}" + (again if child.restarts else "")
+                )
     row.duration_s = round(time.monotonic() - t0, 1)
     row.notes.append(f"work directory {workdir}")
     (workdir / "row.json").write_text(json.dumps(row.to_json(), indent=2, default=str))
