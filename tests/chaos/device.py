@@ -210,7 +210,10 @@ async def main(opcua_port: int, modbus_port: int) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await device.stop()
+        # asyncua's server waits for its clients' sessions: a device going away does not
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3.0):
+                await device.stop()
 
 
 if __name__ == "__main__":
