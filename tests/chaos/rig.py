@@ -79,6 +79,9 @@ class RigOptions:
     seq_rate: float = 200.0
     #: Modbus poll interval of the simulator's machines (s)
     poll_interval: float = 0.1
+    #: kafka.partitions of the cloud: the partitions of the topics it creates (Tansu creates a
+    #: missing topic with 4 when a producer asks for it)
+    partitions: int = 4
 
 
 class Child:
@@ -428,7 +431,7 @@ class Rig:
                 "session_timeout_s": 2,
                 "request_timeout_s": 5,
                 "metadata_max_age_s": 1,
-                "partitions": 4,
+                "partitions": self.options.partitions,
             },
             "database": {"url": f"sqlite:///{self.cloud_db}"},
             "api": {"host": "127.0.0.1", "port": self.cloud_http},

@@ -25,6 +25,11 @@ async def broker_restarted_empty(rig: Rig, quick: bool, rng: random.Random) -> s
     return f"broker stopped {outage:.0f} s under load, restarted empty"
 
 
+async def broker_restarted_repartitioned(rig: Rig, quick: bool, rng: random.Random) -> str:
+    await broker_restarted_empty(rig, True, rng)  # a 10 s outage is enough here
+    return "cloud topics with 2 partitions; broker stopped 10 s under load, restarted empty"
+
+
 async def broker_paused(rig: Rig, quick: bool, rng: random.Random) -> str:
     pause = 10.0 if quick else 30.0
     await rig.wait_agent_delivering(100)
@@ -66,6 +71,15 @@ SCENARIOS = [
         "port with an empty log",
         broker_restarted_empty,
         quick=True,
+    ),
+    Scenario(
+        "broker-restarted-repartitioned",
+        "as broker-restarted-empty (10 s outage), with the cloud creating its topics with 2 "
+        "partitions: whoever re-creates them after the loss (a producer: the broker's default of "
+        "4) may give them another partition count, so a resent batch can land on another "
+        "partition than its first copy",
+        broker_restarted_repartitioned,
+        options=RigOptions(partitions=2),
     ),
     Scenario(
         "broker-sigstop",
