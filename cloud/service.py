@@ -56,7 +56,7 @@ from cloud.registry import Registry, VersionEntry
 from shared.control import BROADCAST, encode_applied, encode_replay
 from shared.logcheck import LogEndWatch, log_ends
 from shared.records import Event, Frame, Heartbeat, Label, Severity, dead_letter_event, now_ns
-from shared.supervision import Supervisor
+from shared.supervision import Supervisor, cancel_requested, close_quietly
 from shared.wire import Batch, Kind, WireDecodeError, decode_batch
 
 __all__ = ["CloudService", "PromotionHook", "kafka_client_options"]
@@ -366,10 +366,8 @@ class CloudService:
             except Exception:
                 log.exception("final checkpoint failed; the group resumes from the last one")
         if self._control_producer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._publish_control(), 5.0)  # the final acks
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._control_producer.stop(), 5.0)
+            await close_quietly(self._publish_control)  # the final acks
+            await close_quietly(self._control_producer.stop)
             self._control_producer = None
         if self._consumer is not None:
             await self._consumer.stop()
@@ -528,6 +526,13 @@ class CloudService:
                     for tp in exc.args:
                         if isinstance(tp, TopicPartition) and tp in consumer.assignment():
                             await self._start_fresh(tp)
+                continue
+            except asyncio.CancelledError:
+                if cancel_requested():
+                    raise
+                log.warning("Kafka poll cancelled inside aiokafka; retrying in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
                 continue
             except KafkaError as exc:
                 log.warning("Kafka poll failed (%s); retrying in %.1fs", exc, backoff)
@@ -1263,9 +1268,16 @@ class CloudService:
             self._control_wake.clear()
             try:
                 await self._publish_control()
+            except asyncio.CancelledError as exc:
+                if cancel_requested():
+                    raise
+                self._control_failed(exc)  # aiokafka cancelled one of its futures
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                self._control_wake.set()
+                continue
             except (KafkaError, OSError, TimeoutError) as exc:
-                self.metrics.control_errors.inc()
-                self.control_error = f"{type(exc).__name__}: {exc}"
+                self._control_failed(exc)
                 log.warning("control topic: %s; retrying in %.1fs", self.control_error, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -1273,6 +1285,10 @@ class CloudService:
                 continue
             backoff = 0.2
             self.control_error = None
+
+    def _control_failed(self, exc: BaseException) -> None:
+        self.metrics.control_errors.inc()
+        self.control_error = f"{type(exc).__name__}: {exc}"
 
     async def _publish_control(self) -> None:
         """Send the pending acknowledgements and replay requests (kept for a retry on failure)."""

@@ -221,7 +221,13 @@ class Agent:
                 asyncio.create_task(self._tick_loop(), name=f"agent:{self.agent_id}:tick"),
                 asyncio.create_task(self._house_loop(), name=f"agent:{self.agent_id}:house"),
             ]
-            self.supervisor.watch(self._core_tasks())
+            self.supervisor.watch(self._tasks)
+            self.supervisor.watch([self.uplink.task], stopping=lambda: self.uplink.stopping)
+            if self.control is not None:
+                control = self.control
+                self.supervisor.watch([control.task], stopping=lambda: control.stopping)
+            if self.model_sync is not None:
+                self.supervisor.watch(self.model_sync.tasks())
         except BaseException:
             await self.stop()
             raise
@@ -279,17 +285,6 @@ class Agent:
         await self.stop()
 
     # --- supervision ----------------------------------------------------------------------
-
-    def _core_tasks(self) -> list[asyncio.Task[Any]]:
-        """The tasks without which the agent is only half alive."""
-        tasks: list[asyncio.Task[Any]] = list(self._tasks)
-        for owner in (self.uplink, self.control):
-            task = getattr(owner, "_task", None)
-            if task is not None:
-                tasks.append(task)
-        if self.model_sync is not None:
-            tasks += self.model_sync.tasks()
-        return tasks
 
     @property
     def failure(self) -> str | None:

@@ -35,6 +35,7 @@ from edge.outbox import AppliedAck, Outbox, OutboxError
 from edge.uplink import Uplink, consumer_kwargs
 from shared.control import BROADCAST, ControlError, decode_control
 from shared.logcheck import LogEndWatch, log_ends
+from shared.supervision import cancel_requested, close_quietly
 from shared.topics import Topics
 from shared.wire import Kind
 
@@ -71,12 +72,16 @@ class ControlLink:
         self.last_ack_at: float | None = None
         self._replay_ids: set[str] = set()
         self._ends_watch = LogEndWatch()
+        self._reached = False  # the current session got as far as reading
+        self.stopping = False
 
     async def start(self) -> None:
         if self._task is None:
+            self.stopping = False
             self._task = asyncio.create_task(self._run(), name=f"control:{self.agent_id}")
 
     async def stop(self) -> None:
+        self.stopping = True  # its task may end now
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -121,19 +126,25 @@ class ControlLink:
             try:
                 await self._session()
             except asyncio.CancelledError:
-                raise
+                if cancel_requested():
+                    raise
+                self._lost("CancelledError: a broker call was cancelled under the consumer", delay)
             except (KafkaError, OSError, TimeoutError, OutboxError) as exc:
-                self.connected = False
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("control topic: %s; retrying in %.1fs", self.last_error, delay)
+                self._lost(f"{type(exc).__name__}: {exc}", delay)
             finally:
                 consumer, self._consumer = self._consumer, None
                 if consumer is not None:
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(5.0):
-                            await consumer.stop()
+                    await close_quietly(consumer.stop)
+            if self._reached:
+                delay = self.cfg.backoff.initial  # the last session worked: start over
+                self._reached = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.cfg.backoff.max)
+
+    def _lost(self, error: str, delay: float) -> None:
+        self.connected = False
+        self.last_error = error
+        log.warning("control topic: %s; retrying in %.1fs", error, delay)
 
     async def _session(self) -> None:
         topic = self.topics.control
@@ -159,7 +170,14 @@ class ControlLink:
         tps = await self._assignment(consumer, topic)
         await self._position(consumer, tps)
         self.connected = True
+        self._reached = True
         self.last_error = None
+        log.info(
+            "control topic %s: reading %d partitions from %s",
+            topic,
+            len(tps),
+            {tp.partition: await consumer.position(tp) for tp in tps},
+        )
         next_check = time.monotonic() + LOG_CHECK_INTERVAL
         while True:
             got = await consumer.getmany(timeout_ms=500, max_records=1000)

@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaProducer
 from edge.config import UplinkConfig
 from edge.metrics import EdgeMetrics
 from edge.outbox import ClaimedBatch, Outbox, SentBatch
+from shared.supervision import cancel_requested, close_quietly
 from shared.topics import Topics
 
 __all__ = ["LOW_HEADER", "Uplink", "consumer_kwargs", "producer_kwargs"]
@@ -139,6 +140,15 @@ class Uplink:
     ) -> None:
         await self.stop()
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    @property
+    def stopping(self) -> bool:
+        """Asked to stop (its task may end now)."""
+        return self._stopping
+
     def notify(self) -> None:
         """New rows are in the outbox."""
         self._wake.set()
@@ -150,9 +160,7 @@ class Uplink:
     async def _close_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5.0):
-                    await producer.stop()
+            await close_quietly(producer.stop)
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -161,9 +169,7 @@ class Uplink:
                 async with asyncio.timeout(self.cfg.request_timeout_ms / 1000 + 5):
                     await producer.start()
             except BaseException:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(5.0):
-                        await producer.stop()
+                await close_quietly(producer.stop)
                 raise
             self._producer = producer
         return self._producer
@@ -173,18 +179,15 @@ class Uplink:
         while True:
             try:
                 sent = await self._round()
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as exc:
+                if cancel_requested():
+                    raise
+                await self._failed_round(exc, delay)  # aiokafka cancelled one of its futures
+                delay = min(delay * 2, self.cfg.backoff.max)
+                continue
             except Exception as exc:  # noqa: BLE001 - retried forever, with backoff
-                self.connected = False
-                self.metrics.uplink_connected.set(0)
-                self.metrics.uplink_errors.inc()
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("uplink: %s; retrying in %.1fs", self.last_error, delay)
-                await self._close_producer()
-                if self._stopping:
+                if not await self._failed_round(exc, delay):
                     return  # stop() gave up flushing: the outbox keeps the rest
-                await asyncio.sleep(delay * random.uniform(0.9, 1.1))
                 delay = min(delay * 2, self.cfg.backoff.max)
                 continue
             delay = self.cfg.backoff.initial
@@ -195,6 +198,19 @@ class Uplink:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.5):
                         await self._wake.wait()
+
+    async def _failed_round(self, exc: BaseException, delay: float) -> bool:
+        """Count and log a failed round, close the producer, back off; False when stopping."""
+        self.connected = False
+        self.metrics.uplink_connected.set(0)
+        self.metrics.uplink_errors.inc()
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("uplink: %s; retrying in %.1fs", self.last_error, delay)
+        await self._close_producer()
+        if self._stopping:
+            return False
+        await asyncio.sleep(delay * random.uniform(0.9, 1.1))
+        return True
 
     async def _round(self) -> int:
         batches = await self.outbox.claim(max_batches=self.cfg.max_in_flight)

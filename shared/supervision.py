@@ -15,10 +15,33 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-__all__ = ["Supervisor", "wait_for_stop"]
+__all__ = ["Supervisor", "cancel_requested", "close_quietly", "wait_for_stop"]
+
+
+def cancel_requested() -> bool:
+    """Whether the running task itself was asked to stop. A ``CancelledError`` can also come
+    out of a library call whose own future it cancelled (aiokafka does when a broker goes away);
+    a retry loop must survive that one and end only on a cancel addressed to it."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+async def close_quietly(close: Callable[[], Awaitable[Any]], within: float = 5.0) -> None:
+    """Close a client (an aiokafka producer or consumer) for at most ``within`` seconds,
+    swallowing what closing a broken connection raises — a ``CancelledError`` of the library's
+    own included (aiokafka awaits the internal tasks it cancels) — but never a cancel of the
+    running task."""
+    try:
+        async with asyncio.timeout(within):
+            await close()
+    except asyncio.CancelledError:
+        if cancel_requested():
+            raise
+    except Exception:  # noqa: BLE001, S110 - closing what already failed: nothing to report
+        pass
 
 
 class Supervisor:
@@ -40,18 +63,29 @@ class Supervisor:
         self.failure: str | None = None
         self.failed = asyncio.Event()
 
-    def watch(self, tasks: Iterable[asyncio.Task[Any] | None]) -> None:
+    def watch(
+        self,
+        tasks: Iterable[asyncio.Task[Any] | None],
+        *,
+        stopping: Callable[[], bool] | None = None,
+    ) -> None:
+        """Watch ``tasks``; ``stopping`` says when their own component was asked to stop (its
+        tasks may then end); the owner's ``stopping`` always counts."""
         for task in tasks:
             if task is not None:
-                task.add_done_callback(self._done)
+                task.add_done_callback(lambda t: self._done(t, stopping))
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        # cancelled or returned is how the loops end when asked to; an exception is a death
-        if task.cancelled() or self._stopping():
+    def _done(self, task: asyncio.Task[Any], stopping: Callable[[], bool] | None) -> None:
+        if self._stopping() or (stopping is not None and stopping()):
+            return  # asked to stop: cancelled or returned is how it ends
+        if task.cancelled():
+            self.fail(f"core task {task.get_name()} was cancelled while nothing asked it to stop")
             return
         exc = task.exception()
         if exc is not None:
             self.fail(f"core task {task.get_name()} died ({type(exc).__name__}: {exc})", exc)
+        else:
+            self.fail(f"core task {task.get_name()} returned while nothing asked it to stop")
 
     def fail(self, reason: str, exc: BaseException | None = None) -> None:
         """The owner cannot go on as it is (the first reason wins)."""
