@@ -89,20 +89,38 @@ class SeqTracker:
     def __init__(self, window: int) -> None:
         self.window = window
         self._state: dict[DedupeKey, SeqWindow] = {}
+        #: (agent, incarnation, topic) -> the partitions with state here
+        self._siblings: dict[tuple[str, str, str], set[int]] = {}
         self._dirty: set[DedupeKey] = set()
         self._ack_dirty: set[DedupeKey] = set()
         self.dropped = 0
         self.overflows = 0
 
     def seen(self, key: DedupeKey, seq: int) -> bool:
+        """Applied on this partition — or on another partition of the same topic held here: a
+        topic re-created with another partition count sends a resent batch elsewhere. Such a
+        batch is then marked on this partition too, so that its acknowledgement covers it where
+        the agent last sent it."""
         w = self._state.get(key)
-        return w is not None and w.seen(seq)
+        if w is not None and w.seen(seq):
+            return True
+        agent, inc, topic, partition = key
+        siblings = self._siblings.get((agent, inc, topic))
+        if not siblings:
+            return False
+        for other in siblings:
+            if other != partition:
+                ow = self._state.get((agent, inc, topic, other))
+                if ow is not None and ow.seen(seq):
+                    self.mark(key, seq)
+                    return True
+        return False
 
     def mark(self, key: DedupeKey, seq: int) -> bool:
         """Record ``seq`` applied; True when the window overflowed (see the module doc)."""
         w = self._state.get(key)
         if w is None:
-            w = self._state[key] = SeqWindow()
+            w = self._new(key)
         overflow = w.add(seq, self.window)
         self._dirty.add(key)
         self._ack_dirty.add(key)
@@ -114,16 +132,21 @@ class SeqTracker:
         """A duplicate came in: the agent still holds it, so tell it again."""
         self._ack_dirty.add(key)
 
+    def _new(self, key: DedupeKey, window: SeqWindow | None = None) -> SeqWindow:
+        w = self._state[key] = window if window is not None else SeqWindow()
+        self._siblings.setdefault(key[:3], set()).add(key[3])
+        return w
+
     def raise_floor(self, key: DedupeKey, floor: int) -> None:
         w = self._state.get(key)
         if w is None:
-            w = self._state[key] = SeqWindow()
+            w = self._new(key)
         if floor > w.floor:
             w.raise_floor(floor)
             self._dirty.add(key)
 
     def load(self, key: DedupeKey, window: SeqWindow) -> None:
-        self._state[key] = window
+        self._new(key, window)
         self._dirty.discard(key)
 
     def get(self, key: DedupeKey) -> SeqWindow | None:
@@ -136,6 +159,9 @@ class SeqTracker:
         """Drop state of a partition this process no longer owns (its new owner loads it)."""
         for key in [k for k in self._state if k[2] == topic and k[3] == partition]:
             del self._state[key]
+            siblings = self._siblings.get(key[:3])
+            if siblings is not None:
+                siblings.discard(partition)
             self._dirty.discard(key)
             self._ack_dirty.discard(key)
 

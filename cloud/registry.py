@@ -11,7 +11,7 @@ the service commit Kafka offsets.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,15 +140,16 @@ class DedupeRow(_Base):
 
 
 class LogMarkRow(_Base):
-    """The last message consumed from a partition: offset and fingerprint. Whoever owns the
-    partition next checks the broker still has that very message there (else its log was lost,
+    """The last messages consumed from a partition: offsets and fingerprints (JSON
+    ``[[offset, fingerprint], ...]``, oldest first). Whoever owns the partition next reads them
+    again and checks the broker still has those very messages there (else its log was lost,
     truncated or replaced, and the cloud asks the agents to replay)."""
 
-    __tablename__ = "log_marks"
+    __tablename__ = "log_positions"
     topic: Mapped[str] = mapped_column(String(250), primary_key=True)
     partition: Mapped[int] = mapped_column(Integer, primary_key=True)
-    offset: Mapped[int] = mapped_column(BigInteger)
-    fingerprint: Mapped[str] = mapped_column(String(64))
+    offset: Mapped[int] = mapped_column(BigInteger)  # the last consumed
+    marks: Mapped[list[Any]] = mapped_column(JSON, default=list)
     ts_ns: Mapped[int] = mapped_column(BigInteger)
 
 
@@ -606,13 +607,13 @@ class Registry:
         dedupe: Mapping[DedupeKey, SeqWindow],
         agents: Iterable[tuple[Heartbeat, int]] = (),
         events: Iterable[tuple[str, Event]] = (),
-        marks: Mapping[tuple[str, int], tuple[int, str]] | None = None,
+        marks: Mapping[tuple[str, int], Sequence[tuple[int, str]]] | None = None,
         applied: Iterable[Mapping[str, Any]] = (),
     ) -> None:
         """Everything consumed so far, in one transaction (then offsets may be committed).
 
-        ``marks``: per (topic, partition) the offset and fingerprint of the last message
-        consumed; ``applied``: audit rows of the batches applied since the last checkpoint."""
+        ``marks``: per (topic, partition) the offsets and fingerprints of the last messages
+        consumed (oldest first); ``applied``: audit rows of the batches applied since the last checkpoint."""
         now = now_ns()
         with self._session.begin() as s:
             s.merge(
@@ -636,16 +637,17 @@ class Registry:
                         updated_ns=now,
                     )
                 )
-            for (topic, partition), (offset, fingerprint) in (marks or {}).items():
-                s.merge(
-                    LogMarkRow(
-                        topic=topic,
-                        partition=partition,
-                        offset=offset,
-                        fingerprint=fingerprint,
-                        ts_ns=now,
+            for (topic, partition), seen in (marks or {}).items():
+                if seen:
+                    s.merge(
+                        LogMarkRow(
+                            topic=topic,
+                            partition=partition,
+                            offset=seen[-1][0],
+                            marks=[[o, f] for o, f in seen],
+                            ts_ns=now,
+                        )
                     )
-                )
             s.add_all(AppliedBatchRow(**dict(row)) for row in applied)
             for hb, received in agents:
                 s.merge(
@@ -706,8 +708,8 @@ class Registry:
 
     def load_marks(
         self, partitions: Iterable[tuple[str, int]]
-    ) -> dict[tuple[str, int], tuple[int, str]]:
-        """(topic, partition) -> (offset, fingerprint) of the last consumed message."""
+    ) -> dict[tuple[str, int], list[tuple[int, str]]]:
+        """(topic, partition) -> the (offset, fingerprint) of the last consumed messages."""
         wanted = set(partitions)
         if not wanted:
             return {}
@@ -716,9 +718,9 @@ class Registry:
                 select(LogMarkRow).where(LogMarkRow.topic.in_({t for t, _ in wanted}))
             ).all()
             return {
-                (r.topic, r.partition): (r.offset, r.fingerprint)
+                (r.topic, r.partition): [(int(o), str(f)) for o, f in r.marks]
                 for r in rows
-                if (r.topic, r.partition) in wanted
+                if (r.topic, r.partition) in wanted and r.marks
             }
 
     def forget_marks(self, partitions: Iterable[tuple[str, int]]) -> None:

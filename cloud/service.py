@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 PromotionHook = Callable[[VersionEntry], Awaitable[None]]
 
 _CHECKPOINT_FORMAT = 1
+#: how many of the last consumed messages per partition are kept to recognise the log later
+MARKS_KEPT = 64
 #: the header carrying the lowest batch_seq the sending agent still held (edge/uplink.py)
 LOW_HEADER = "el-low"
 #: the event rule under which a new agent incarnation is recorded
@@ -210,10 +212,11 @@ class CloudService:
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._positions: dict[TopicPartition, int] = {}
-        #: per partition: offset and fingerprint of the last message consumed (checkpointed)
-        self._marks: dict[TopicPartition, tuple[int, str]] = {}
-        #: partitions resumed at their last consumed message, to check it is still that one
-        self._verify: dict[TopicPartition, tuple[int, str]] = {}
+        #: per partition: offsets and fingerprints of the last messages consumed (checkpointed)
+        self._marks: dict[TopicPartition, deque[tuple[int, str]]] = {}
+        #: partitions resumed a little before their committed offset, to read the last consumed
+        #: messages again and check they are still those: fingerprints by offset, last offset
+        self._verify: dict[TopicPartition, tuple[dict[int, str], int]] = {}
         self._applied_log: list[dict[str, Any]] = []  # audit rows until the next checkpoint
         #: recent lost-log detections (newest last), for /healthz and the API
         self.log_losses: deque[dict[str, Any]] = deque(maxlen=50)
@@ -247,6 +250,10 @@ class CloudService:
         self._checkpoint_lock = asyncio.Lock()
         self._rebalance_lock = asyncio.Lock()
         self._ends_watch = LogEndWatch()
+        #: per partition: bumped by every seek (a poll fetched before one is stale)
+        self._seek_gen: dict[TopicPartition, int] = {}
+        #: per partition: the offset the next message must have (None: not known)
+        self._expected: dict[TopicPartition, int] = {}
         #: partitions resumed at a committed offset beyond the log end the broker gave
         self._parked: dict[TopicPartition, str] = {}
         self._stopping = asyncio.Event()
@@ -305,10 +312,12 @@ class CloudService:
                 **kafka_client_options(kc),
                 group_id=kc.group_id,
                 enable_auto_commit=False,
-                # positions are always set by the assignment hook (committed offset, checked
-                # against the log); a position the broker calls out of range is a lost log
-                # to handle here, never a silent reset
-                auto_offset_reset="none",
+                # aiokafka may place a partition (committed offset, else this) while the
+                # assignment hook is still deciding; the hook's own seek wins, and a poll
+                # fetched before a seek is dropped (_process). A reset aiokafka does on its own
+                # later (out of range) shows as a jump in the offsets consumed: counted and
+                # answered with a replay (_process)
+                auto_offset_reset=kc.auto_offset_reset,
                 max_poll_records=kc.max_poll_records,
                 session_timeout_ms=int(kc.session_timeout_s * 1000),
                 heartbeat_interval_ms=int(kc.session_timeout_s * 1000 / 3),
@@ -504,6 +513,7 @@ class CloudService:
         check_every = self.config.control.log_check_interval_s
         next_check = time.monotonic() + check_every
         while not self._stopping.is_set():
+            gens = dict(self._seek_gen)  # a seek after this makes the poll stale
             try:
                 polled = await consumer.getmany(
                     timeout_ms=200, max_records=self.config.kafka.max_poll_records
@@ -543,7 +553,7 @@ class CloudService:
             # a rebalance waits until this poll is applied (and checkpointed when due): its
             # hooks forget and reload per-partition state, which must not change under the loop
             async with self._rebalance_lock:
-                await self._process(consumer, polled)
+                await self._process(consumer, polled, gens)
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + check_every
                     await self._check_log_ends()
@@ -555,12 +565,20 @@ class CloudService:
             if polled:
                 await asyncio.sleep(0)  # let the API answer between polls
 
-    async def _process(self, consumer: AIOKafkaConsumer, polled: dict[Any, list[Any]]) -> None:
+    async def _process(
+        self, consumer: AIOKafkaConsumer, polled: dict[Any, list[Any]], gens: dict[Any, int]
+    ) -> None:
         """Apply one poll, partition by partition, in offset order."""
         assigned = consumer.assignment()
+        skipped: dict[TopicPartition, tuple[int, int]] = {}
         for tp, messages in polled.items():
             if tp not in assigned:
                 continue  # revoked while the poll was in flight: its new owner reads it
+            if self._seek_gen.get(tp, 0) != gens.get(tp, 0):
+                continue  # fetched before a seek: it is read again from where the seek says
+            expected = self._expected.get(tp)
+            if expected is not None and messages and messages[0].offset != expected:
+                skipped[tp] = (expected, messages[0].offset)
             if tp in self._verify and messages:
                 kept = await self._verified(tp, messages)
                 if kept is None:
@@ -572,9 +590,59 @@ class CloudService:
                 if notices:
                     await self._handle(notices)
             if messages:
-                last = messages[-1]
-                self._marks[tp] = (last.offset, _fingerprint(last))
+                self._expected[tp] = messages[-1].offset + 1
+                seen = self._marks.get(tp)
+                if seen is None:
+                    seen = self._marks[tp] = deque(maxlen=MARKS_KEPT)
+                seen.extend((m.offset, _fingerprint(m)) for m in messages[-MARKS_KEPT:])
             self._since_checkpoint += len(messages)
+        if skipped:
+            self._skipped(skipped)
+
+    def _skipped(self, jumps: dict[TopicPartition, tuple[int, int]]) -> None:
+        """The broker handed out other offsets than the next ones: records were skipped (a
+        reset after an out-of-range position, retention, a fetch answered from a later record
+        batch) or read again. What the agents still hold is asked for again; dedupe drops
+        what had been applied."""
+        now = now_ns()
+        for tp, (expected, got) in jumps.items():
+            detail = f"expected offset {expected}, the broker gave {got}"
+            self.metrics.log_lost.labels(tp.topic, "offset_jump").inc()
+            self.log_losses.append(
+                {
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "cause": "offset_jump",
+                    "detail": detail,
+                    "ts_ns": now,
+                    "resumed_at": got,
+                }
+            )
+            log.error(
+                "Kafka partition %s[%d]: %s; asking the agents to send again what they hold "
+                "unconfirmed for it",
+                tp.topic,
+                tp.partition,
+                detail,
+            )
+        self._request_replay(
+            BROADCAST,
+            "offsets jumped on " + ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(jumps)),
+            "log_lost",
+            [(tp.topic, tp.partition) for tp in sorted(jumps)],
+        )
+
+    def _seek(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, *, expect: bool
+    ) -> None:
+        """Move ``tp`` to ``offset``: polls fetched before are dropped; with ``expect`` the next
+        message must be at that very offset (else records were skipped)."""
+        consumer.seek(tp, offset)
+        self._seek_gen[tp] = self._seek_gen.get(tp, 0) + 1
+        if expect:
+            self._expected[tp] = offset
+        else:
+            self._expected.pop(tp, None)
 
     def _apply(
         self,
@@ -972,7 +1040,7 @@ class CloudService:
         )
         positions = dict(self._positions)
         offsets = {f"{tp.topic}:{tp.partition}": off for tp, off in positions.items()}
-        marks = {(tp.topic, tp.partition): m for tp, m in self._marks.items()}
+        marks = {(tp.topic, tp.partition): list(m) for tp, m in self._marks.items()}
         dirty = self.seqs.take_dirty()
         acks = self.seqs.take_ack_dirty() if self.config.control.acks else {}
         applied, self._applied_log = self._applied_log, []
@@ -1029,6 +1097,7 @@ class CloudService:
                 self._positions.pop(tp, None)
                 self._marks.pop(tp, None)
                 self._verify.pop(tp, None)
+                self._expected.pop(tp, None)
             self._ends_watch.forget(revoked)
             for tp in revoked:
                 self._parked.pop(tp, None)
@@ -1055,10 +1124,19 @@ class CloudService:
             for tp in tps:
                 async with asyncio.timeout(within):
                     committed = await consumer.committed(tp)
-                mark = marks.get((tp.topic, tp.partition))
-                if committed is None and mark is not None:
-                    committed = mark[0] + 1  # the group's offsets are gone; the registry knows
+                history = marks.get((tp.topic, tp.partition))
+                last = history[-1][0] if history else None
+                if committed is None and last is not None:
+                    committed = last + 1  # the group's offsets are gone; the registry knows
                 begin, end = starts[tp], ends[tp]
+                log.debug(
+                    "assigned %s: committed %s, log %d..%d, last consumed %s",
+                    tp,
+                    committed,
+                    begin,
+                    end,
+                    last,
+                )
                 if committed is None:
                     self._seek_fresh(consumer, tp, begin, end)
                     continue
@@ -1073,12 +1151,14 @@ class CloudService:
                         f"committed offset {committed} is before the log start {begin} "
                         "(retention removed records never consumed)",
                     )
-                elif mark is not None and mark[0] == committed - 1 and mark[0] >= begin:
-                    consumer.seek(tp, mark[0])  # read the last consumed message again: same?
-                    self._verify[tp] = mark
+                elif history and last is not None and last == committed - 1 and last >= begin:
+                    # read the last consumed messages again: are they the same? (from the
+                    # oldest kept: a broker may answer a fetch from the next record batch)
+                    self._seek(consumer, tp, max(begin, history[0][0]), expect=False)
+                    self._verify[tp] = (dict(history), last)
                     self._positions[tp] = committed
                 else:
-                    consumer.seek(tp, committed)
+                    self._seek(consumer, tp, committed, expect=True)
                     self._positions[tp] = committed
         log.info("assigned %d partitions (%d dedupe records loaded)", len(assigned), len(loaded))
         if lost:
@@ -1091,7 +1171,7 @@ class CloudService:
     ) -> None:
         """A partition this group never consumed: start where ``auto_offset_reset`` says."""
         at = begin if self.config.kafka.auto_offset_reset == "earliest" else end
-        consumer.seek(tp, at)
+        self._seek(consumer, tp, at, expect=False)
         self._positions[tp] = at
 
     async def _start_fresh(self, tp: TopicPartition) -> None:
@@ -1105,21 +1185,30 @@ class CloudService:
         self._seek_fresh(consumer, tp, begin, end)
 
     async def _verified(self, tp: TopicPartition, messages: list[Any]) -> list[Any] | None:
-        """The partition was resumed at its last consumed message: is it still the same one?"""
-        offset, fingerprint = self._verify.pop(tp)
-        first = messages[0]
-        if first.offset == offset and _fingerprint(first) == fingerprint:
-            return messages[1:]  # intact; that message was applied before
-        await self._log_lost(
-            {
-                tp: (
-                    "replaced",
-                    f"the message at offset {offset} is not the one consumed there "
-                    "(the topic was re-created or the broker came back with another log)",
+        """The partition was resumed before its committed offset: the messages it reads again
+        up to the last one consumed must be the ones consumed there. Returns the messages
+        after them (to apply), or None when the log turned out to be another one."""
+        expected, last = self._verify[tp]
+        fresh: list[Any] = []
+        for msg in messages:
+            if msg.offset > last:
+                fresh.append(msg)
+                continue
+            fp = expected.get(msg.offset)
+            if fp is not None and fp != _fingerprint(msg):
+                await self._log_lost(
+                    {
+                        tp: (
+                            "replaced",
+                            f"the message at offset {msg.offset} is not the one consumed there "
+                            "(the topic was re-created or the broker came back with another log)",
+                        )
+                    }
                 )
-            }
-        )
-        return None
+                return None
+        if messages[-1].offset >= last:
+            del self._verify[tp]  # read past the last consumed message: checked
+        return fresh
 
     async def _check_log_ends(self) -> None:
         """A log end below what was already consumed (or below the position a partition was
@@ -1168,7 +1257,7 @@ class CloudService:
             self._parked.pop(tp, None)
         for tp, (cause, detail) in lost.items():
             begin = starts[tp]
-            consumer.seek(tp, begin)
+            self._seek(consumer, tp, begin, expect=False)
             self._positions[tp] = begin
             self._marks.pop(tp, None)
             self._verify.pop(tp, None)
@@ -1323,7 +1412,10 @@ class CloudService:
             if futures:
                 within = self.config.kafka.request_timeout_s + 5
                 async with asyncio.timeout(within):
-                    await asyncio.gather(*futures)
+                    results = await asyncio.gather(*futures, return_exceptions=True)
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:
+                    raise failed[0]
         except BaseException:
             for key, state in acks.items():  # newer state queued meanwhile wins
                 pending = self._acks_pending.setdefault(key, {})

@@ -223,14 +223,16 @@ class ControlLink:
             pos = stored.get(tp.partition)
             if pos is None:
                 consumer.seek(tp, ends[tp])  # a fresh outbox: nothing before now is ours
-            elif starts[tp] <= pos <= ends[tp]:
+            elif pos >= starts[tp]:
+                # beyond the end the broker reports: most likely a lost log, but the answer
+                # may be stale; parked there, the log-end watch decides on two sightings
                 consumer.seek(tp, pos)
             else:
                 lost = True
                 log.error(
-                    "control topic %s[%d]: stored position %d is outside the log (%d..%d): the "
-                    "broker lost or replaced it; reading the new log from its start and "
-                    "re-sending every batch the cloud has not confirmed",
+                    "control topic %s[%d]: stored position %d is before the log start (%d, end "
+                    "%d): records were removed unread; reading from the start and re-sending "
+                    "every batch the cloud has not confirmed",
                     tp.topic,
                     tp.partition,
                     pos,

@@ -92,6 +92,13 @@ CREATE TABLE IF NOT EXISTS dropped (
     records INTEGER NOT NULL,
     ts_ns INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS released (
+    lo INTEGER PRIMARY KEY,
+    hi INTEGER NOT NULL,
+    batches INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    ts_ns INTEGER NOT NULL
+);
 """
 #: columns added with the end-to-end acknowledgement (ALTER TABLE on an older outbox file):
 #: sent = 1 once the broker acked (part/off: where it went last; sends: how often; sent_ns: when
@@ -623,6 +630,7 @@ class Outbox:
         if not released:
             return
         self.unacked -= len(released)
+        self._record_ranges("released", released)
         for _seq, kind, n in released:
             k = Kind(kind)
             self.released[k] = self.released.get(k, 0) + n
@@ -639,30 +647,41 @@ class Outbox:
         gone = self._delete_oldest(need, 0)
         for _seq, kind, n in gone:
             self._count_drop(Kind(kind), n)
-        self._record_dropped(gone)
+        self._record_ranges("dropped", gone)
 
-    def _record_dropped(self, gone: list[tuple[int, int, int]]) -> None:
-        """Keep which numbers the overflow policy dropped, as runs (inside the transaction): the
-        gaps a reader of the cloud's history will see, accounted for."""
+    def _record_ranges(self, table: str, gone: list[tuple[int, int, int]]) -> None:
+        """Keep which numbers left without the cloud's word, as runs (inside the transaction):
+        ``dropped`` by the overflow policy, ``released`` (sent, in the broker) to make room —
+        the gaps a reader of the cloud's history may see, accounted for."""
+        assert table in ("dropped", "released")
         db = self.db
         now = time.time_ns()
         for seq, _kind, n in sorted(gone):
-            last = db.execute("SELECT lo, hi FROM dropped ORDER BY lo DESC LIMIT 1").fetchone()
+            last = db.execute(
+                f"SELECT lo, hi FROM {table} ORDER BY lo DESC LIMIT 1"  # noqa: S608
+            ).fetchone()
             if last is not None and last[1] + 1 == seq:
                 db.execute(
-                    "UPDATE dropped SET hi = ?, batches = batches + 1, records = records + ?, "
-                    "ts_ns = ? WHERE lo = ?",
+                    f"UPDATE {table} SET hi = ?, batches = batches + 1, "  # noqa: S608
+                    "records = records + ?, ts_ns = ? WHERE lo = ?",
                     (seq, n, now, last[0]),
                 )
             else:
-                db.execute("INSERT INTO dropped VALUES (?, ?, 1, ?, ?)", (seq, seq, n, now))
+                db.execute(
+                    f"INSERT INTO {table} VALUES (?, ?, 1, ?, ?)",  # noqa: S608
+                    (seq, seq, n, now),
+                )
 
-    async def dropped_ranges(self) -> list[tuple[int, int]]:
-        """The batch numbers the overflow policy dropped, as inclusive runs, oldest first."""
+    async def dropped_ranges(self, table: str = "dropped") -> list[tuple[int, int]]:
+        """The batch numbers the overflow policy dropped (or, with ``table="released"``, sent
+        batches released to make room), as inclusive runs, oldest first."""
+        assert table in ("dropped", "released")
         return await self._call(
             lambda: [
                 (int(lo), int(hi))
-                for lo, hi in self.db.execute("SELECT lo, hi FROM dropped ORDER BY lo")
+                for lo, hi in self.db.execute(
+                    f"SELECT lo, hi FROM {table} ORDER BY lo"  # noqa: S608
+                )
             ]
         )
 

@@ -656,7 +656,12 @@ class OpcUaConnector(Connector[OpcUaConfig]):
         try:
             value = variant_to_value(dv.Value.Value if dv.Value is not None else None)
         except Unrepresentable as exc:
-            self._malformed(f"{p.cfg.asset}/{p.cfg.tag}: {exc}")
+            raw = dv.Value.Value if dv.Value is not None else None
+            self._dead_letter(
+                f"{p.cfg.node} ({p.cfg.asset}/{p.cfg.tag})",
+                f"value={raw!r:.1500} status=0x{status:08X}".encode(),
+                f"{p.cfg.asset}/{p.cfg.tag}: {exc}",
+            )
             return None
         ts = _ts_ns(dv.SourceTimestamp) or _ts_ns(dv.ServerTimestamp) or now
         if ts != now and (problem := self.config.timestamps.problem(ts, now)) is not None:

@@ -34,6 +34,7 @@ COLUMNS = [
     ("applied", "applied"),
     ("dropped", "dropped (accounted)"),
     ("released", "released unconfirmed"),
+    ("released_lost", "of those, lost by the broker"),
     ("destroyed", "destroyed with the disk"),
     ("readings", "MQTT acked / lost"),
     ("replays", "replays"),

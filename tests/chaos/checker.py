@@ -3,12 +3,14 @@
 * **created** — what the agent numbered: per incarnation, ``1 .. next_seq-1`` from its outbox
   file at the end (and from the copy of a state directory taken before it was wiped);
 * **dropped** — what the overflow policy deleted unsent, from the outbox's ``dropped`` ranges
-  (allowed, and accounted in its own column);
+  (allowed, and accounted in its own column); **released** — sent batches a full outbox deleted
+  before the cloud confirmed them, from its ``released`` ranges: the broker held them, so they
+  must arrive unless the broker lost them too (then: ``released, then lost by the broker``);
 * **applied** — the cloud's ``applied_batches`` audit rows, written in the same transaction as
   the checkpoint that covers them (a row means durably applied);
 * **wire** — every identity the ledger saw on the uplink topics, with its contents.
 
-From these: ``lost`` = created - dropped - destroyed - applied; ``applied twice`` = identities
+From these: ``lost`` = created - dropped - released - destroyed - applied; ``applied twice`` = identities
 with more than one audit row; ``duplicated on wire`` = wire occurrences beyond the first. A
 wiped state directory destroys what the old outbox held unsent and never put on the wire
 (``destroyed``, its own column); anything of it the wire saw must be applied all the same.
@@ -52,6 +54,8 @@ class OutboxFile:
     held: dict[int, HeldBatch]
     #: (lo, hi, batches, records) runs the overflow policy dropped
     dropped: list[tuple[int, int, int, int]]
+    #: (lo, hi, batches, records) runs of sent batches released to make room
+    released: list[tuple[int, int, int, int]] = field(default_factory=list)
     #: this file is the copy of a state directory that was then wiped
     wiped: bool = False
 
@@ -68,31 +72,23 @@ class OutboxFile:
                     "SELECT seq, kind, n, sent, payload FROM batches"
                 )
             }
-            has_dropped = db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dropped'"
-            ).fetchone()
-            dropped = (
-                [
-                    (int(lo), int(hi), int(b), int(r))
-                    for lo, hi, b, r in db.execute(
-                        "SELECT lo, hi, batches, records FROM dropped ORDER BY lo"
-                    )
-                ]
-                if has_dropped
-                else []
-            )
+            dropped, released = (_runs(db, "dropped"), _runs(db, "released"))
         finally:
             db.close()
-        return cls(path, agent_id, str(inc), next_seq, held, dropped, wiped)
+        return cls(path, agent_id, str(inc), next_seq, held, dropped, released, wiped)
 
     def created(self) -> set[Ident]:
         return {(self.agent_id, self.incarnation, s) for s in range(1, self.next_seq)}
 
     def dropped_idents(self) -> set[Ident]:
+        return self._idents(self.dropped)
+
+    def released_idents(self) -> set[Ident]:
+        return self._idents(self.released)
+
+    def _idents(self, runs: list[tuple[int, int, int, int]]) -> set[Ident]:
         return {
-            (self.agent_id, self.incarnation, s)
-            for lo, hi, _, _ in self.dropped
-            for s in range(lo, hi + 1)
+            (self.agent_id, self.incarnation, s) for lo, hi, _, _ in runs for s in range(lo, hi + 1)
         }
 
     def unsent_values(self, asset: str, tag: str) -> set[Any]:
@@ -108,6 +104,22 @@ class OutboxFile:
     @property
     def dropped_records(self) -> int:
         return sum(r for _, _, _, r in self.dropped)
+
+    @property
+    def released_records(self) -> int:
+        return sum(r for _, _, _, r in self.released)
+
+
+def _runs(db: sqlite3.Connection, table: str) -> list[tuple[int, int, int, int]]:
+    """The (lo, hi, batches, records) runs of an outbox's ``dropped``/``released`` table."""
+    if not db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).fetchone():
+        return []
+    return [
+        (int(lo), int(hi), int(b), int(r))
+        for lo, hi, b, r in db.execute(f"SELECT lo, hi, batches, records FROM {table} ORDER BY lo")
+    ]
 
 
 def read_applied(cloud_db: Path) -> list[Ident]:
@@ -171,8 +183,10 @@ class Row:
     applied: int = 0
     dropped: int = 0
     destroyed: int = 0
-    #: sent batches the full outbox deleted before the cloud confirmed them (agent log)
+    #: sent batches the full outbox deleted before the cloud confirmed them
     released: int = 0
+    #: of those, the ones the broker then lost too (accounted: the agent counted the release)
+    released_lost: int = 0
     mqtt_acked: int = 0
     readings_lost: int = 0
     replays: int = 0
@@ -198,12 +212,14 @@ def check(h: History, row: Row) -> Row:
     """Fill ``row`` with what the history says."""
     created: set[Ident] = set()
     dropped: set[Ident] = set()
+    released: set[Ident] = set()
     destroyed: set[Ident] = set()
     excused_values: set[Any] = set()
     wire = h.ledger.of_agent(h.agent_id)
     for ob in h.outboxes:
         created |= ob.created()
         dropped |= ob.dropped_idents()
+        released |= ob.released_idents()
         if ob.wiped:
             for b in ob.held.values():
                 ident = (h.agent_id, ob.incarnation, b.seq)
@@ -219,13 +235,15 @@ def check(h: History, row: Row) -> Row:
                             and r.tag == h.seq_tag
                         }
     applied = Counter(i for i in h.applied if i[0] == h.agent_id)
-    required = created - dropped - destroyed
+    required = created - dropped - released - destroyed
     lost = sorted(required - set(applied))
     twice = sorted(i for i, n in applied.items() if n > 1)
     phantom = sorted(set(applied) - created)
     row.created = len(created)
     row.applied = len(applied)
     row.dropped = len(dropped & created)
+    row.released = len(released & created)
+    row.released_lost = len((released & created) - set(applied))
     row.destroyed = len(destroyed)
     row.lost = len(lost)
     row.applied_twice = len(twice)
@@ -263,14 +281,20 @@ def check(h: History, row: Row) -> Row:
     if missing:
         row.examples["readings_lost"] = missing[:20]
         allowed = sum(ob.dropped_records for ob in h.outboxes)
+        allowed += sum(
+            r
+            for ob in h.outboxes
+            for lo, hi, _, r in ob.released
+            if any((h.agent_id, ob.incarnation, s) not in applied for s in range(lo, hi + 1))
+        )
         if len(missing) > allowed:
             row.problems.append(
                 f"{len(missing)} acknowledged MQTT messages never applied as readings "
-                f"(the overflow policy dropped {allowed} records)"
+                f"(the overflow policy dropped or released unconfirmed {allowed} records)"
             )
         else:
             row.notes.append(
                 f"{len(missing)} acknowledged MQTT messages not applied, within the "
-                f"{allowed} records the overflow policy dropped"
+                f"{allowed} records the overflow policy dropped or released unconfirmed"
             )
     return row

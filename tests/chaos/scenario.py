@@ -220,7 +220,9 @@ def _logs(rig: Rig, row: Row) -> None:
             + "; ".join(f"{m['why']} ({m['n']} batches)" for m in replays[:10])
             + (" ..." if len(replays) > 10 else "")
         )
-    row.released = sum(int(n) for n in _RELEASED.findall(agent_log))
+    logged = sum(int(n) for n in _RELEASED.findall(agent_log))
+    if logged:
+        row.notes.append(f"the agent logged {logged} batches released to make room")
     row.log_losses = len(re.findall(r"Kafka log of \S+ lost", cloud_log))
     row.dead_letters = len(read_events(rig.cloud_db, AGENT_ID))
     for name, text in (("agent", agent_log), ("cloud", cloud_log)):

@@ -76,7 +76,7 @@ def test_registry_versions_lineage_rollback_and_checkpoints(registry):
         {("edge-1", "i1", "t.frames", 0): SeqWindow(3, [5, 6, 9])},
         [(Heartbeat("edge-1", 5, {"q": 1}, outbox_depth=3), 6)],
         [("edge-1", Event("overheat", "press-1", 7, 2, "hot", {"t": 99.5}))],
-        {("t.frames", 0): (39, "17:5:0000abcd")},
+        {("t.frames", 0): [(38, "16:5:0000ffff"), (39, "17:5:0000abcd")]},
         [
             {
                 "agent_id": "edge-1",
@@ -95,7 +95,7 @@ def test_registry_versions_lineage_rollback_and_checkpoints(registry):
     dd = registry.load_dedupe([("t.frames", 0)])
     assert dd[("edge-1", "i1", "t.frames", 0)] == SeqWindow(3, [5, 6, 9])
     assert registry.load_marks([("t.frames", 0), ("t.labels", 0)]) == {
-        ("t.frames", 0): (39, "17:5:0000abcd")
+        ("t.frames", 0): [(38, "16:5:0000ffff"), (39, "17:5:0000abcd")]
     }
     registry.forget_marks([("t.frames", 0)])
     assert registry.load_marks([("t.frames", 0)]) == {}

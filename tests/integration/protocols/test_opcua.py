@@ -158,7 +158,7 @@ async def test_missing_nodes_are_reported_and_skipped_while_others_flow(server):
     assert conn.malformed_total == 4
 
 
-async def test_unrepresentable_values_are_counted_and_never_fatal(server):
+async def test_unrepresentable_values_are_dead_letters_and_never_fatal(server):
     conn, sink = await started(make_config(server.url, [node("Blob"), node("Temperature")]))
     async with conn:
         await wait_until(lambda: bool(sink.of("blob")), 10, "first blob")
@@ -169,6 +169,9 @@ async def test_unrepresentable_values_are_counted_and_never_fatal(server):
         mark = len(sink.of("temperature"))
         await wait_until(lambda: len(sink.of("temperature")) > mark + 2, 10, "still flowing")
     assert all(r.value is None for r in sink.of("blob"))
+    (letter,) = conn.dead_letters
+    assert "Blob" in letter.source and "cannot be carried by a reading" in letter.reason
+    assert b"\\x01\\x02" in letter.payload  # the value's repr travels with it
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,10 @@ def test_tracker_keys_by_agent_incarnation_topic_partition_and_reports_dirty_cop
     t.mark(("edge-1", "i1", "frames", 1), 2)
     t.mark(("edge-2", "i1", "frames", 0), 1)
     assert t.seen(("edge-1", "i1", "frames", 0), 1)
-    assert not t.seen(("edge-1", "i1", "frames", 0), 2)  # seq 2 went to partition 1
+    # seq 2 was applied from partition 1; a copy on partition 0 (the topic re-created with
+    # another partition count) is a duplicate all the same
+    assert t.seen(("edge-1", "i1", "frames", 0), 2)
+    assert not t.seen(("edge-1", "i1", "frames", 0), 3)
     assert not t.seen(("edge-3", "i1", "frames", 0), 1)
     dirty = t.take_dirty()
     assert set(dirty) == {
@@ -106,3 +109,18 @@ def test_ack_state_covers_applied_batches_and_duplicates_until_taken():
     assert acks == {a: (-1, "4-5,9"), b: (-1, "2")}
     t.restore_ack_dirty(set(acks))  # the checkpoint failed: publish them with the next one
     assert set(t.take_ack_dirty()) == {a, b}
+
+
+def test_a_batch_applied_on_another_partition_of_the_topic_is_a_duplicate():
+    """A topic re-created with another partition count sends a resent batch to another
+    partition: it must not be applied twice, and its acknowledgement must name it where the
+    agent last sent it."""
+    t = SeqTracker(window=16)
+    t.mark(("gw", "i1", "telemetry", 0), 638)
+    t.take_ack_dirty()
+    assert t.seen(("gw", "i1", "telemetry", 2), 638)
+    assert not t.seen(("gw", "i1", "telemetry", 2), 639)
+    assert not t.seen(("gw", "i1", "frames", 2), 638)  # another topic: another numbering use
+    assert t.take_ack_dirty() == {("gw", "i1", "telemetry", 2): (-1, "638")}
+    t.forget_partition("telemetry", 0)
+    assert not t.seen(("gw", "i1", "telemetry", 3), 637)

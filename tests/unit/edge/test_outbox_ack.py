@@ -120,6 +120,9 @@ async def test_a_full_outbox_releases_sent_batches_before_dropping_unsent_ones(t
             await ob.append(readings(100, start=10_000 + i * 100))
             i += 1
         assert not dropped  # sent batches went first
+        released_runs = await ob.dropped_ranges("released")
+        assert released_runs and released_runs[0][0] == 1  # the oldest, on record by number
+        assert sum(hi - lo + 1 for lo, hi in released_runs) == len(released)
         assert ob.released[Kind.READING] == sum(released) and ob.nbytes <= 64 * 1024
         assert ob.unacked == sent - len(released)
         for j in range(100):  # keep going: once no sent batch is left, unsent ones drop
