@@ -54,6 +54,7 @@ from shared.manifest import (
     verify_manifest,
 )
 from shared.records import Event, Frame, Label, Reading, Severity, now_ns
+from shared.supervision import cancel_requested, close_quietly
 from shared.topics import Topics
 
 if TYPE_CHECKING:
@@ -368,8 +369,7 @@ class ModelSync:
                 await task
         self._tasks = []
         if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
+            await close_quietly(self._consumer.stop)
             self._consumer = None
         if self._http is not None:
             await self._http.aclose()
@@ -471,14 +471,17 @@ class ModelSync:
                             if self._latest is not None:
                                 self._wake.set()
             except asyncio.CancelledError:
-                raise
+                if cancel_requested():
+                    raise
+                log.warning(
+                    "models topic: a broker call was cancelled; retrying in %.1f s", backoff
+                )
             except (KafkaError, OSError) as exc:
                 log.warning("models topic: %s; retrying in %.1f s", exc, backoff)
             finally:
                 c, self._consumer = self._consumer, None
                 if c is not None:
-                    with contextlib.suppress(Exception):
-                        await c.stop()
+                    await close_quietly(c.stop)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.backoff.max)
 
