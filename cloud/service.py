@@ -39,12 +39,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import (
-    CommitFailedError,
-    KafkaError,
-    NoOffsetForPartitionError,
-    OffsetOutOfRangeError,
-)
+from aiokafka.errors import CommitFailedError, KafkaError
 
 from cloud.config import CloudConfig, KafkaConfig
 from cloud.dedupe import DedupeKey, SeqTracker
@@ -518,25 +513,6 @@ class CloudService:
                 polled = await consumer.getmany(
                     timeout_ms=200, max_records=self.config.kafka.max_poll_records
                 )
-            except OffsetOutOfRangeError as exc:
-                # the broker no longer has the position: the log was truncated or replaced
-                offsets = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
-                async with self._rebalance_lock:
-                    await self._log_lost(
-                        {
-                            tp: ("out_of_range", f"offset {off} is out of range")
-                            for tp, off in offsets.items()
-                            if tp in consumer.assignment()
-                        }
-                    )
-                continue
-            except NoOffsetForPartitionError as exc:
-                # assigned without a position (the assignment hook could not set one)
-                async with self._rebalance_lock:
-                    for tp in exc.args:
-                        if isinstance(tp, TopicPartition) and tp in consumer.assignment():
-                            await self._start_fresh(tp)
-                continue
             except asyncio.CancelledError:
                 if cancel_requested():
                     raise
@@ -1173,16 +1149,6 @@ class CloudService:
         at = begin if self.config.kafka.auto_offset_reset == "earliest" else end
         self._seek(consumer, tp, at, expect=False)
         self._positions[tp] = at
-
-    async def _start_fresh(self, tp: TopicPartition) -> None:
-        consumer = self._consumer
-        if consumer is None:
-            return
-        within = self.config.kafka.request_timeout_s + 5
-        async with asyncio.timeout(within):
-            begin = (await consumer.beginning_offsets([tp]))[tp]
-            end = (await consumer.end_offsets([tp]))[tp]
-        self._seek_fresh(consumer, tp, begin, end)
 
     async def _verified(self, tp: TopicPartition, messages: list[Any]) -> list[Any] | None:
         """The partition was resumed before its committed offset: the messages it reads again

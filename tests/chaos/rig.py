@@ -30,6 +30,7 @@ import httpx
 import yaml
 
 from edgeloop.services import MosquittoBroker, TansuBroker, free_port
+from edgeloop.stack import FEATURES  # the simulator's quality mechanism's inputs
 from tests.chaos.ledger import WireLedger
 from tests.chaos.load import SeqPublisher
 from tests.waiting import wait_until, wait_until_async
@@ -42,13 +43,6 @@ PREFIX = "chaos"
 MACHINES = ["m1", "m2", "m3", "m4"]
 #: the numbered MQTT stream the publisher writes and the agent reads (asset, tag of its readings)
 SEQ_ASSET, SEQ_TAG = "seq", "n"
-#: per-cycle aggregates the simulator's quality mechanism depends on (docs/simulator.md)
-FEATURES = (
-    ("spindle_temp", "mean"),
-    ("vibration_rms", "max"),
-    ("spindle_speed", "mean"),
-    ("feed_rate", "mean"),
-)
 _POINTS = [
     {"tag": "spindle_speed", "table": "input", "address": 0, "type": "float32"},
     {"tag": "feed_rate", "table": "input", "address": 2, "type": "float32"},
